@@ -1,0 +1,239 @@
+"""Chunked slerp + drop (DESIGN §3.5). Pure torch, bounded scratch.
+
+Two passes over [rows, cols] (whole tensor: one row of numel):
+  1. per-row |a|^2, |b|^2, a.b accumulated in float64,
+  2. out = ca * a + cb * b per chunk, drop applied, rounded once to the dtype.
+Scratch is a few CHUNK-sized float32 buffers, whatever the tensor size.
+
+Determinism: torch splits a reduction across threads only when it reduces
+>= 32768 elements into one output. Every reduction here is over at most
+BLOCK (< 32768) elements per output, and block partials are combined in a
+fixed order, so the bits do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+BLOCK = 4096  # elements per float32 partial sum; partials add up in float64
+CHUNK = 64 * BLOCK  # elements per chunk: 1 MiB of float32 per scratch buffer
+DOT_THRESHOLD = 0.9995
+EPS = 1e-8
+
+# numpy allocations of this size are madvise(HUGEPAGE)d: far fewer page faults
+# than torch.empty when the output is first written.
+_NP_STORAGE = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+MaskSource = Callable[[int, int], np.ndarray]  # (start, size) -> keep
+MASK_WINDOW = 32 << 20  # bytes of keep mask drawn ahead of use
+
+
+class NonFiniteError(ValueError):
+    """A NaN or Inf in an input; `which` is 0 for the base, 1 for the donor."""
+
+    def __init__(self, which: int):
+        super().__init__("non-finite value")
+        self.which = which
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _layout(x: torch.Tensor, rowwise: bool) -> Tuple[int, int]:
+    rows = x.shape[0] if rowwise and x.ndim >= 2 and x.numel() else 1
+    return rows, (x.numel() // rows if rows else 0)
+
+
+def _chunks(rows: int, cols: int) -> List[Tuple[int, int, int, int]]:
+    """(row0, row1, col0, col1) pieces in row-major order, <= CHUNK elements."""
+    if cols == 0:
+        return []
+    if cols <= CHUNK:
+        per = CHUNK // cols
+        return [(r, min(r + per, rows), 0, cols) for r in range(0, rows, per)]
+    return [(r, r + 1, c, min(c + CHUNK, cols)) for r in range(rows) for c in range(0, cols, CHUNK)]
+
+
+def _stats(a2, b2, rows, cols, pieces, wd):
+    """Per-row (|a|^2, |b|^2, a.b) in float64."""
+    sums = torch.zeros(3, rows, dtype=torch.float64)
+    buf = torch.empty(2, CHUNK, dtype=wd)
+    for r0, r1, c0, c1 in pieces:
+        k, w = r1 - r0, c1 - c0
+        n = k * w
+        buf[0, :n].view(k, w).copy_(a2[r0:r1, c0:c1])
+        buf[1, :n].view(k, w).copy_(b2[r0:r1, c0:c1])
+        if k > 1 or w <= BLOCK:  # whole rows: one partial per row
+            parts = [(buf[:, :n].view(2, k, w), None)]
+        else:  # a segment of one long row: BLOCK-sized partials
+            nb = w // BLOCK
+            parts = [(buf[:, : nb * BLOCK].view(2, nb, BLOCK), 0)]
+            if w % BLOCK:
+                parts.append((buf[:, nb * BLOCK : n].view(2, 1, w - nb * BLOCK), 0))
+        for view, row in parts:
+            v = view.transpose(0, 1)  # [m, 2, L]
+            g = torch.bmm(v, v.transpose(1, 2)).to(torch.float64)  # [m, 2, 2]
+            g = torch.stack((g[:, 0, 0], g[:, 1, 1], g[:, 0, 1]))
+            if row is None:
+                sums[:, r0:r1] += g
+            else:
+                sums[:, r0] += g.sum(dim=1)
+    return sums
+
+
+def _coefficients(sums: torch.Tensor, t: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    aa, bb, ab = sums
+    na, nb = aa.sqrt(), bb.sqrt()
+    linear = (na < EPS) | (nb < EPS)
+    dot = torch.where(linear, 0.0, ab / (na * nb)).clamp(-1, 1)
+    linear |= dot.abs() > DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0.0, dot))
+    sin_theta = torch.where(linear, 1.0, torch.sin(theta))
+    ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    cb = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return ca, cb
+
+
+class _MaskPrefetch:
+    """Draw keep-mask chunks on worker threads (numpy releases the GIL), from
+    before pass 1 until they are used in pass 2, at most MASK_WINDOW ahead."""
+
+    def __init__(self, mask: MaskSource, spans: List[Tuple[int, int]], wd: torch.dtype):
+        self.spans = spans
+        int_type = np.int64 if wd == torch.float64 else np.int32
+
+        def draw(start: int, size: int) -> torch.Tensor:
+            # keep -> all ones, drop -> 0: a bitwise select is exact and much
+            # faster than torch.where on CPU.
+            select = mask(start, size).astype(int_type)
+            np.negative(select, out=select)
+            return torch.from_numpy(select)
+
+        self.mask = draw
+        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.pending: List = []
+        self.next = 0
+        self.ahead = max(2, MASK_WINDOW // max(CHUNK, 1))
+        self._fill()
+
+    def _fill(self):
+        while self.next < len(self.spans) and len(self.pending) < self.ahead:
+            self.pending.append(self.pool.submit(self.mask, *self.spans[self.next]))
+            self.next += 1
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        try:
+            while self.pending:
+                keep = self.pending.pop(0).result()
+                self._fill()
+                yield keep
+        finally:
+            self.close()
+
+    def close(self):
+        for f in self.pending:
+            f.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def _empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    if dtype in _NP_STORAGE:
+        return torch.from_numpy(np.empty(numel, dtype=_NP_STORAGE[dtype])).view(dtype)
+    return torch.empty(numel, dtype=dtype)
+
+
+def check_finite(x: torch.Tensor) -> bool:
+    flat = x.reshape(-1)
+    return all(bool(torch.isfinite(flat[s : s + CHUNK]).all()) for s in range(0, flat.numel(), CHUNK))
+
+
+def merge(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: float,
+    *,
+    drop_rate: float = 0.0,
+    rescale: bool = False,
+    rowwise: bool = False,
+    mask: Optional[MaskSource] = None,
+) -> torch.Tensor:
+    """slerp(t, a, b), then dropped elements back to `a` (DESIGN §3.5).
+
+    `mask(sizes)` yields the keep mask in consecutive chunks of those sizes;
+    required when drop_rate > 0. Inputs are never modified. Raises
+    NonFiniteError when an input the result depends on holds NaN or Inf.
+    """
+    if t == 0 or (t == 1 and drop_rate == 0):
+        src, which = (a, 0) if t == 0 else (b, 1)
+        if not check_finite(src):
+            raise NonFiniteError(which)
+        return src
+    wd = _work_dtype(a.dtype)
+    rows, cols = _layout(a, rowwise)
+    a2, b2 = a.reshape(rows, cols), b.reshape(rows, cols)
+    pieces = _chunks(rows, cols)
+    masks: Iterable = [None] * len(pieces)
+    if drop_rate > 0:
+        if mask is None:
+            raise ValueError("drop_rate > 0 needs a mask source")
+        masks = _MaskPrefetch(mask, [(r0 * cols + c0, (r1 - r0) * (c1 - c0)) for r0, r1, c0, c1 in pieces], wd)
+    try:
+        return _merge(a, a2, b2, t, rows, cols, pieces, masks, wd, drop_rate, rescale)
+    finally:
+        if isinstance(masks, _MaskPrefetch):
+            masks.close()
+
+
+def _merge(a, a2, b2, t, rows, cols, pieces, masks, wd, drop_rate, rescale):
+    if t == 1:
+        ca = torch.zeros(rows, dtype=torch.float64)
+        cb = torch.ones(rows, dtype=torch.float64)
+        if not (check_finite(a) and check_finite(b)):
+            raise NonFiniteError(0 if not check_finite(a) else 1)
+    else:
+        sums = _stats(a2, b2, rows, cols, pieces, wd)
+        if not torch.isfinite(sums).all():
+            if not check_finite(a):
+                raise NonFiniteError(0)
+            if not check_finite(b):
+                raise NonFiniteError(1)
+            # finite but huge (squares overflow float32): redo in float64
+            sums = _stats(a2, b2, rows, cols, pieces, torch.float64)
+        ca, cb = _coefficients(sums, t)
+    ca, cb = ca.to(wd), cb.to(wd)
+    ca1, cb1 = float(ca[0]), float(cb[0])  # rows == 1: scalar ops are faster
+
+    keep_scale = 1.0 - drop_rate
+
+    out = _empty(a.numel(), a.dtype).view(rows, cols)
+    x = torch.empty(CHUNK, dtype=wd)
+    y = torch.empty(CHUNK, dtype=wd)
+    it = torch.int64 if wd == torch.float64 else torch.int32
+    z = torch.empty(CHUNK, dtype=it)
+    for (r0, r1, c0, c1), select in zip(pieces, masks):
+        shape = (r1 - r0, c1 - c0)
+        n = shape[0] * shape[1]
+        xs, ys = x[:n].view(shape), y[:n].view(shape)
+        xs.copy_(a2[r0:r1, c0:c1])
+        ys.copy_(b2[r0:r1, c0:c1])
+        if t == 1:
+            pass  # keeps the donor's bits, signed zeros included
+        elif rows == 1:
+            ys.mul_(cb1).add_(xs, alpha=ca1)  # ys = merged
+        else:
+            ys.mul_(cb[r0:r1, None]).addcmul_(xs, ca[r0:r1, None])
+        if select is not None:
+            if rescale:
+                ys.sub_(xs).div_(keep_scale).add_(xs)
+            # ys = keep ? ys : xs, bit for bit: xs ^ ((xs ^ ys) & select)
+            xi, yi, zi = xs.view(it), ys.view(it), z[:n].view(shape)
+            torch.bitwise_xor(xi, yi, out=zi)
+            zi.bitwise_and_(select.view(shape))
+            torch.bitwise_xor(zi, xi, out=yi)
+        out[r0:r1, c0:c1].copy_(ys)
+    return out.view(a.shape)

@@ -1,0 +1,100 @@
+"""Which tensor is which layer (DESIGN §3.2).
+
+On the YAML path the entry ids are ModelReferences and mergekit's own
+architecture info for the base model decides. In the in-memory API the ids
+are arbitrary, so the first integer component of the name is the layer index
+and the caller says how many layers there are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Dict, Optional, Tuple
+
+
+class LayerError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    stack: str  # tensor name before ".{index}.", e.g. "model.layers"
+    index: int
+    num_layers: int
+
+
+def stack_key(name: str, index: int) -> str:
+    parts = name.split(".")
+    for k, part in enumerate(parts):
+        if part == str(index):
+            return ".".join(parts[:k])
+    raise LayerError(f"tensor {name!r} does not contain its layer index {index}")
+
+
+def layer_from_name(name: Optional[str]) -> Optional[Tuple[str, int]]:
+    """(stack, index) from the first dot-separated integer component."""
+    parts = (name or "").split(".")
+    for k, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:k]), int(part)
+    return None
+
+
+@lru_cache(maxsize=None)
+def _architecture_layers(base) -> Tuple[Dict[str, int], int]:
+    """{output tensor name: layer index} and the layer count, from mergekit."""
+    from mergekit.architecture import arch_info_for_config
+    from mergekit.architecture.base import ConfiguredModelArchitecture
+
+    config = base.config()
+    arch = arch_info_for_config(config)
+    if arch is None:
+        raise LayerError(
+            f"mergekit has no architecture definition for {config.architectures} "
+            f"(base model {base}); partition_slerp needs it to find the layers"
+        )
+    if len(arch.modules) != 1:
+        raise LayerError(
+            f"base model {base} is a multi-module architecture "
+            f"({', '.join(sorted(arch.modules))}); partition_slerp v1 merges "
+            "single-module models only (Llama, Mistral, Qwen, Gemma, ...)"
+        )
+    (module_name,) = arch.modules
+    module = ConfiguredModelArchitecture(info=arch, config=config).get_module(module_name)
+    count = module.num_layers()
+    names = {}
+    for i in range(count):
+        for weight in module.layer_weights(i):
+            names[weight.name] = i
+    return names, count
+
+
+def locate(name: Optional[str], base_id, num_layers: Optional[int]) -> Optional[LayerInfo]:
+    """The layer of output tensor `name`, or None for a non-layer tensor."""
+    from mergekit.common import ModelReference
+
+    if isinstance(base_id, ModelReference):
+        names, count = _architecture_layers(base_id)
+        if num_layers is not None and num_layers != count:
+            raise LayerError(
+                f"num_layers is {num_layers} but base model {base_id} has {count} layers"
+            )
+        if name not in names:
+            return None
+        return LayerInfo(stack_key(name, names[name]), names[name], count)
+    found = layer_from_name(name)
+    if found is None:
+        return None
+    if num_layers is None:
+        raise LayerError(
+            f"tensor {name!r} looks like layer {found[1]}, but the layer count is "
+            "unknown: pass num_layers=... when the inputs are not mergekit ModelReferences"
+        )
+    if not 0 <= found[1] < num_layers:
+        raise LayerError(f"tensor {name!r} is layer {found[1]} but num_layers is {num_layers}")
+    return LayerInfo(found[0], found[1], num_layers)
+
+
+def architecture_layers(base) -> Tuple[Dict[str, int], int]:
+    return _architecture_layers(base)
