@@ -193,15 +193,15 @@ def _merge(a, a2, b2, t, rows, cols, pieces, masks, wd, drop_rate, rescale):
     if t == 1:
         ca = torch.zeros(rows, dtype=torch.float64)
         cb = torch.ones(rows, dtype=torch.float64)
-        if not (check_finite(a) and check_finite(b)):
-            raise NonFiniteError(0 if not check_finite(a) else 1)
+        for which, x in enumerate((a2, b2)):
+            if not check_finite(x):
+                raise NonFiniteError(which)
     else:
         sums = _stats(a2, b2, rows, cols, pieces, wd)
         if not torch.isfinite(sums).all():
-            if not check_finite(a):
-                raise NonFiniteError(0)
-            if not check_finite(b):
-                raise NonFiniteError(1)
+            for which, x in enumerate((a2, b2)):
+                if not check_finite(x):
+                    raise NonFiniteError(which)
             # finite but huge (squares overflow float32): redo in float64
             sums = _stats(a2, b2, rows, cols, pieces, torch.float64)
         ca, cb = _coefficients(sums, t)

@@ -1,0 +1,146 @@
+import numpy as np
+import pytest
+import torch
+
+from mergekit.merge_methods import merge_tensors
+from mergekit.merge_methods.slerp import slerp as mk_slerp_kernel
+from mergekit_partition_slerp import kernels, partition
+from conftest import assert_close_to_ref, ref_keep, ref_slerp64
+
+
+def pair(shape, dtype=torch.bfloat16, noise=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=g)
+    b = a + noise * torch.randn(shape, generator=g)
+    return a.to(dtype), b.to(dtype)
+
+
+def mask_for(name, seed, p):
+    return lambda start, size: partition.keep_mask_range(name, seed, p, start, size)
+
+
+@pytest.mark.parametrize("shape", [(7,), (64, 48), (3, 5, 7), (300, 1000), (1,), (1, 1)])
+@pytest.mark.parametrize("t", [0.03, 0.3, 0.5, 0.97])
+def test_whole_tensor_matches_float64_reference(shape, t):
+    a, b = pair(shape)
+    out = kernels.merge(a, b, t)
+    assert out.dtype == a.dtype and out.shape == a.shape
+    assert_close_to_ref(out, ref_slerp64(a, b, t), a, b, f"{shape} t={t}")
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (5, 70000), (3, 5, 7), (40,)])
+def test_rowwise_matches_float64_reference(shape):
+    a, b = pair(shape, noise=1.0)
+    out = kernels.merge(a, b, 0.4, rowwise=True)
+    assert_close_to_ref(out, ref_slerp64(a, b, 0.4, rowwise=True), a, b, f"rowwise {shape}")
+
+
+def test_whole_tensor_matches_mergekit_slerp_method():
+    a, b = pair((256, 384), torch.float32, noise=1.0)
+    ours = kernels.merge(a, b, 0.35)
+    theirs = merge_tensors([a, b], "slerp", parameters={"t": 0.35}, base_index=0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_rowwise_matches_mergekit_kernel_on_2d_weight():
+    a, b = pair((96, 200), torch.float32, noise=1.0)
+    # one row collinear with its base row: both must take the lerp branch
+    b[3] = 2 * a[3]
+    ours = kernels.merge(a, b, 0.6, rowwise=True)
+    theirs = mk_slerp_kernel(torch.full((96,), 0.6), a, b)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_large_tensor_stays_slerp_in_float64_accuracy():
+    # fp32 norms drift on tens of millions of elements and can turn this slerp
+    # (cos ~ 0.96) into a lerp; the float64 reference catches that.
+    a, b = pair((14336, 4096), noise=0.3)
+    out = kernels.merge(a, b, 0.5)
+    ref = ref_slerp64(a, b, 0.5)
+    lerp = 0.5 * a.double() + 0.5 * b.double()
+    assert (ref - lerp).abs().max() > 1e-3  # the case really is a slerp
+    assert_close_to_ref(out, ref, a, b, "[14336, 4096]")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_t_endpoints_are_bit_exact(dtype):
+    a, b = pair((33, 17), dtype)
+    a[0, 0], b[0, 1] = -0.0, -0.0
+    assert torch.equal(kernels.merge(a, b, 0.0).view(-1).view(torch.uint8), a.view(-1).view(torch.uint8))
+    assert torch.equal(kernels.merge(a, b, 1.0).view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+@pytest.mark.parametrize("shape", [(64, 48), (3, 300000)])
+def test_drop_keeps_exactly_the_pinned_elements(rowwise, shape):
+    name, seed, p, t = "model.layers.2.self_attn.q_proj.weight", 9, 0.28, 0.4
+    a, b = pair(shape)
+    out = kernels.merge(a, b, t, drop_rate=p, rowwise=rowwise, mask=mask_for(name, seed, p))
+    keep = torch.from_numpy(ref_keep(name, seed, p, a.numel())).view(shape)
+    assert torch.equal(out[~keep], a[~keep])  # dropped: the base, bit for bit
+    plain = kernels.merge(a, b, t, rowwise=rowwise)
+    assert torch.equal(out[keep], plain[keep])  # kept: the merged value
+    assert 0.25 < 1 - keep.float().mean() < 0.31
+
+
+def test_drop_with_t1_is_an_exact_select():
+    name, p = "model.layers.0.self_attn.v_proj.weight", 0.5
+    a, b = pair((40, 40))
+    out = kernels.merge(a, b, 1.0, drop_rate=p, mask=mask_for(name, 0, p))
+    keep = torch.from_numpy(ref_keep(name, 0, p, a.numel())).view(a.shape)
+    assert torch.equal(out, torch.where(keep, b, a))
+
+
+def test_rescale_matches_float64_reference():
+    name, seed, p, t = "model.layers.1.mlp.down_proj.weight", 1, 0.3, 0.6
+    a, b = pair((50, 60), torch.float32)
+    out = kernels.merge(a, b, t, drop_rate=p, rescale=True, mask=mask_for(name, seed, p))
+    keep = torch.from_numpy(ref_keep(name, seed, p, a.numel())).view(a.shape)
+    m = ref_slerp64(a, b, t)
+    ref = torch.where(keep, a.double() + (m - a.double()) / (1 - p), a.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_and_antipodal_inputs_stay_finite():
+    a = torch.zeros(10, 10)
+    b = torch.randn(10, 10)
+    torch.testing.assert_close(kernels.merge(a, b, 0.3), 0.3 * b)
+    torch.testing.assert_close(kernels.merge(b, -b, 0.25), 0.5 * b)
+
+
+def test_same_bits_with_one_and_two_threads():
+    a, b = pair((4096, 1500), noise=0.5)
+    p, name = 0.2, "model.layers.4.self_attn.o_proj.weight"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [kernels.merge(a, b, 0.3, rowwise=r, drop_rate=p, mask=mask_for(name, 0, p)) for r in (False, True)]
+        torch.set_num_threads(2)
+        two = [kernels.merge(a, b, 0.3, rowwise=r, drop_rate=p, mask=mask_for(name, 0, p)) for r in (False, True)]
+    finally:
+        torch.set_num_threads(before)
+    for x, y in zip(one, two):
+        assert torch.equal(x.view(torch.int16), y.view(torch.int16))
+
+
+def test_inputs_are_not_modified_and_strided_inputs_work():
+    a, b = pair((48, 64), torch.float32)
+    at, bt = a.T, b.T
+    copies = (at.clone(), bt.clone())
+    out = kernels.merge(at, bt, 0.5, drop_rate=0.4, mask=mask_for("w.0", 0, 0.4))
+    assert torch.equal(at, copies[0]) and torch.equal(bt, copies[1])
+    ref = kernels.merge(at.contiguous(), bt.contiguous(), 0.5, drop_rate=0.4, mask=mask_for("w.0", 0, 0.4))
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("t", [0.0, 0.5, 1.0])
+def test_non_finite_inputs_are_refused(which, t):
+    a, b = pair((20, 20), torch.float32)
+    (a if which == 0 else b)[3, 4] = float("nan")
+    if (t == 0 and which == 1) or (t == 1 and which == 0):
+        kernels.merge(a, b, t)  # the unused input may hold anything
+        return
+    with pytest.raises(kernels.NonFiniteError) as info:
+        kernels.merge(a, b, t)
+    assert info.value.which == which
