@@ -51,7 +51,6 @@ def mistral_config(shape: Shape) -> Dict:
         "hidden_act": "silu",
         "bos_token_id": 1,
         "eos_token_id": 2,
-        "torch_dtype": "bfloat16",
     }
 
 

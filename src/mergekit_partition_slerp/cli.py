@@ -1,0 +1,213 @@
+"""mergekit-partition: plan, compile, run and demo for partition_slerp recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import click
+
+from mergekit_partition_slerp import __version__
+
+
+def _fail(message: str, code: int = 2):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _plan_or_exit(config: str):
+    from mergekit_partition_slerp.planning import ConfigError, build_plan
+
+    try:
+        return build_plan(config)
+    except ConfigError as error:
+        _fail(str(error))
+
+
+def _pickle_warning(p) -> None:
+    for model in [p.base] + p.donors:
+        path = model.split("@")[0]
+        if os.path.isdir(path):
+            files = os.listdir(path)
+            if not any(f.endswith(".safetensors") for f in files) and any(f.endswith((".bin", ".pt", ".pth")) for f in files):
+                click.echo(f"warning: {model} has only pickle weights (.bin); loading them can run arbitrary code. Prefer safetensors checkpoints.", err=True)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="mergekit-partition")
+def main():
+    """Plan, compile and run partition_slerp merges (the Eleusis 9-partition recipe)."""
+
+
+@main.command("plan")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema mergekit-partition/plan v1).")
+@click.option("--png", type=click.Path(dir_okay=False), help="Write a layer x donor heatmap of t.")
+def plan_cmd(config, as_json, png):
+    """Show what every layer gets, reading only the YAML and the config.json files."""
+    p = _plan_or_exit(config)
+    _pickle_warning(p)
+    click.echo(p.to_json() if as_json else str(p))
+    if png:
+        p.plot(png)
+        click.echo(f"wrote {png}", err=True)
+
+
+@main.command("compile")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
+def compile_cmd(config, output):
+    """Emit an equivalent plain mergekit config that reads base + one donor per layer."""
+    from mergekit_partition_slerp.planning import compile_config
+
+    text = compile_config(_plan_or_exit(config))
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+    else:
+        click.echo(text, nl=False)
+
+
+def _merge_options(f):
+    from mergekit.options import add_merge_options
+
+    return add_merge_options(f)
+
+
+def _check_weights(p) -> None:
+    """Every checkpoint has weight files before anything is written."""
+    from mergekit.common import ModelReference
+
+    for model in dict.fromkeys([p.base] + p.donors):
+        ref = ModelReference.model_validate(model)
+        path = ref.model.path
+        if os.path.isdir(path):
+            files = os.listdir(path)
+            if not any(f.endswith((".safetensors", ".bin", ".pt", ".pth")) for f in files):
+                _fail(f"model {model} ({path}) has a config.json but no weight files (*.safetensors or *.bin).")
+            index = os.path.join(path, "model.safetensors.index.json")
+            if os.path.exists(index):
+                try:
+                    shards = set(json.load(open(index))["weight_map"].values())
+                except Exception as error:
+                    _fail(f"model {model}: cannot read {index}: {error}.")
+                missing = sorted(s for s in shards if not os.path.exists(os.path.join(path, s)))
+                if missing:
+                    _fail(f"model {model} is missing shard file(s) {', '.join(missing)} listed in {index}.")
+
+
+def run_plan(p, out_path: str, merge_options, force: bool = False, quiet: bool = False) -> dict:
+    """Compile, merge into a temporary sibling of out_path, rename on success."""
+    import mergekit
+    import numpy
+    import torch
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader
+    from mergekit.merge import run_merge
+
+    from mergekit_partition_slerp.planning import compile_config
+
+    out_path = os.path.abspath(out_path)
+    if os.path.exists(out_path) and not force:
+        _fail(f"output {out_path} already exists; pass --force to replace it.")
+    compiled = compile_config(p)
+    merge_config = MergeConfiguration.model_validate(yaml.safe_load(compiled))
+    parent = os.path.dirname(out_path)
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.partial-", dir=parent)
+
+    read = {"bytes": 0}
+    original = LazyTensorLoader.get_tensor
+
+    def counting(self, *args, **kwargs):
+        tensor = original(self, *args, **kwargs)
+        read["bytes"] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    start = time.perf_counter()
+    LazyTensorLoader.get_tensor = counting
+    try:
+        source_text = open(p.source).read() if p.source else yaml.safe_dump(p.raw, sort_keys=False)
+        run_merge(merge_config, work, options=merge_options, config_source=source_text)
+        record = p.to_dict()
+        record["versions"] = {
+            "mergekit-partition-slerp": __version__, "mergekit": getattr(mergekit, "__version__", _dist_version("mergekit")),
+            "torch": torch.__version__, "numpy": numpy.__version__,
+        }
+        with open(os.path.join(work, "partition.json"), "w") as f:
+            json.dump(record, f, indent=2)
+        with open(os.path.join(work, "mergekit_partition_compiled.yml"), "w") as f:
+            f.write(compiled)
+        card = os.path.join(work, "README.md")
+        if os.path.exists(card):
+            with open(card, "a") as f:
+                f.write(f"\n### Partition plan\n\nSeed {p.seed}, {p.bins} bins, reproduced by `mergekit-partition run` from `partition.json`.\n\n```\n{p}\n```\n")
+        if os.path.exists(out_path):
+            backup = out_path + f".replaced-{os.getpid()}"
+            os.replace(out_path, backup)
+            os.replace(work, out_path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(work, out_path)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        LazyTensorLoader.get_tensor = original
+    size = sum(os.path.getsize(os.path.join(out_path, f)) for f in os.listdir(out_path) if f.endswith((".safetensors", ".bin")))
+    summary = {"seconds": time.perf_counter() - start, "bytes_read": read["bytes"], "output_bytes": size}
+    if not quiet:
+        click.echo(f"merged {out_path} in {summary['seconds']:.1f}s: read {_human(read['bytes'])}, wrote {_human(size)} of weights")
+    return summary
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+@main.command("run", context_settings={"show_default": True})
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out_path", type=click.Path())
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@_merge_options
+def run_cmd(merge_options, config, out_path, force):
+    """Validate, compile and merge atomically (same bits as mergekit-yaml CONFIG)."""
+    merge_options.apply_global_options()
+    p = _plan_or_exit(config)
+    _pickle_warning(p)
+    _check_weights(p)
+    try:
+        run_plan(p, out_path, merge_options, force=force)
+    except SystemExit:
+        raise
+    except Exception as error:
+        message = str(error).strip().splitlines()
+        _fail(f"the merge failed and nothing was written to {out_path}: {message[0] if message else type(error).__name__}", code=1)
+
+
+@main.command("demo")
+@click.argument("out", type=click.Path(), default="partition-slerp-demo")
+@click.option("--force", is_flag=True, help="Replace an existing demo directory.")
+def demo_cmd(out, force):
+    """Build a tiny offline model family and run an Eleusis-shaped recipe on it."""
+    from mergekit_partition_slerp.demo import run_demo
+
+    run_demo(out, force=force)
+
+
+if __name__ == "__main__":
+    main()
