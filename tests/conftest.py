@@ -25,7 +25,7 @@ def fnv(text: str) -> int:
 
 
 def ref_keep(name: str, seed: int, p: float, n: int) -> np.ndarray:
-    raw = np.random.Philox(key=[fnv(name), seed]).random_raw(n)
+    raw = np.random.Philox(key=np.array([fnv(name), seed], dtype=np.uint64)).random_raw(n)
     u = (raw >> np.uint64(11)).astype(np.float64) * 2.0**-53
     return u >= p
 

@@ -63,3 +63,10 @@ def test_positions():
     assert partition.layer_position(31, 32) == 1.0
     assert partition.layer_position(0, 1) == 1.0
     assert partition.layer_position(3, 7) == 0.5
+
+
+@pytest.mark.parametrize("name,seed", [("model.layers.1.self_attn.k_proj.weight", 2**64 - 1), ("x", 2**63 + 5), ("model.layers", 0)])
+def test_philox_key_is_exactly_fnv_and_seed(name, seed):
+    # numpy casts some lists of two large ints through float64; the key must not be rounded
+    key = [int(k) for k in partition.philox(name, seed).state["state"]["key"]]
+    assert key == [partition.fnv1a64(name), seed]

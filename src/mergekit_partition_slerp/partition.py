@@ -25,7 +25,8 @@ def fnv1a64(text: str) -> int:
 
 
 def philox(name: str, seed: int) -> np.random.Philox:
-    return np.random.Philox(key=[fnv1a64(name), seed])
+    # an explicit uint64 key: a plain list of two large ints may be cast through float64
+    return np.random.Philox(key=np.array([fnv1a64(name), seed], dtype=np.uint64))
 
 
 def layer_order(stack_key: str, num_layers: int, seed: int) -> List[int]:
