@@ -19,22 +19,30 @@ def _fail(message: str, code: int = 2):
     sys.exit(code)
 
 
-def _plan_or_exit(config: str):
+def _plan_or_exit(config: str, allow_pickle: bool = False):
     from mergekit_partition_slerp.planning import ConfigError, build_plan
 
     try:
-        return build_plan(config)
+        p = build_plan(config)
     except ConfigError as error:
         _fail(str(error))
+    _check_pickle(p, allow_pickle)
+    return p
 
 
-def _pickle_warning(p) -> None:
-    for model in [p.base] + p.donors:
+def _check_pickle(p, allow: bool) -> None:
+    """Pickle checkpoints can run code when loaded: opt-in, and always said."""
+    for model in dict.fromkeys([p.base] + p.donors):
         path = model.split("@")[0]
         if os.path.isdir(path):
             files = os.listdir(path)
             if not any(f.endswith(".safetensors") for f in files) and any(f.endswith((".bin", ".pt", ".pth")) for f in files):
-                click.echo(f"warning: {model} has only pickle weights (.bin); loading them can run arbitrary code. Prefer safetensors checkpoints.", err=True)
+                if not allow:
+                    _fail(f"model {model} has only pickle weights (.bin), which can run arbitrary code when mergekit loads them. Convert it to safetensors, or pass --allow-pickle if you trust its source.")
+                click.echo(f"warning: {model} has only pickle weights (.bin); loading them can run arbitrary code.", err=True)
+
+
+ALLOW_PICKLE = click.option("--allow-pickle", is_flag=True, help="Accept checkpoints that only have pickle (.bin) weights.")
 
 
 @click.group()
@@ -47,10 +55,10 @@ def main():
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema mergekit-partition/plan v1).")
 @click.option("--png", type=click.Path(dir_okay=False), help="Write a layer x donor heatmap of t.")
-def plan_cmd(config, as_json, png):
+@ALLOW_PICKLE
+def plan_cmd(config, as_json, png, allow_pickle):
     """Show what every layer gets, reading only the YAML and the config.json files."""
-    p = _plan_or_exit(config)
-    _pickle_warning(p)
+    p = _plan_or_exit(config, allow_pickle)
     click.echo(p.to_json() if as_json else str(p))
     if png:
         p.plot(png)
@@ -60,11 +68,12 @@ def plan_cmd(config, as_json, png):
 @main.command("compile")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
-def compile_cmd(config, output):
+@ALLOW_PICKLE
+def compile_cmd(config, output, allow_pickle):
     """Emit an equivalent plain mergekit config that reads base + one donor per layer."""
     from mergekit_partition_slerp.planning import compile_config
 
-    text = compile_config(_plan_or_exit(config))
+    text = compile_config(_plan_or_exit(config, allow_pickle))
     if output:
         with open(output, "w") as f:
             f.write(text)
@@ -98,6 +107,27 @@ def _check_weights(p) -> None:
                 missing = sorted(s for s in shards if not os.path.exists(os.path.join(path, s)))
                 if missing:
                     _fail(f"model {model} is missing shard file(s) {', '.join(missing)} listed in {index}.")
+            for name in sorted(f for f in files if f.endswith(".safetensors")):
+                problem = _safetensors_problem(os.path.join(path, name))
+                if problem:
+                    _fail(f"model {model}: {os.path.join(path, name)} {problem}; re-download or re-save that checkpoint.")
+
+
+def _safetensors_problem(path: str):
+    """Check the header and the file length (truncation) without reading tensors."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return "is truncated or not a safetensors file (header longer than the file)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as error:
+        return f"has an unreadable header ({error})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if 8 + n + max(ends, default=0) > size:
+        return f"is truncated ({size} bytes, its header describes {8 + n + max(ends)})"
+    return None
 
 
 def run_plan(p, out_path: str, merge_options, force: bool = False, quiet: bool = False) -> dict:
@@ -183,12 +213,12 @@ def _human(n: int) -> str:
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path())
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@ALLOW_PICKLE
 @_merge_options
-def run_cmd(merge_options, config, out_path, force):
+def run_cmd(merge_options, config, out_path, force, allow_pickle):
     """Validate, compile and merge atomically (same bits as mergekit-yaml CONFIG)."""
     merge_options.apply_global_options()
-    p = _plan_or_exit(config)
-    _pickle_warning(p)
+    p = _plan_or_exit(config, allow_pickle)
     _check_weights(p)
     try:
         run_plan(p, out_path, merge_options, force=force)

@@ -158,5 +158,7 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
     for fname in sorted(os.listdir(path)):
         if fname.endswith(".safetensors"):
             out.update(load_file(os.path.join(path, fname)))
+        elif fname.endswith(".bin"):
+            out.update(torch.load(os.path.join(path, fname), weights_only=True))
     return out
 

@@ -220,6 +220,8 @@ def build_plan(config) -> Plan:
         seen[m.model] = True
 
     base_cfg = _local_config(base, "base model")
+    if len(getattr(base_cfg, "architectures", None) or []) != 1:
+        raise ConfigError(f"config.json of base model {base} must name exactly one architecture (its `architectures` is {getattr(base_cfg, 'architectures', None)}).")
     arch = arch_info_for_config(base_cfg)
     if arch is None:
         raise ConfigError(f"mergekit has no architecture definition for {base_cfg.architectures} (base model {base}).")
