@@ -148,8 +148,16 @@ def _empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def check_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in x. A chunk's sum is finite unless the chunk holds a
+    NaN/Inf (or overflows, which the exact check then clears): ~10x cheaper
+    than isfinite() on every element."""
     flat = x.reshape(-1)
-    return all(bool(torch.isfinite(flat[s : s + CHUNK]).all()) for s in range(0, flat.numel(), CHUNK))
+    step = 4 * CHUNK
+    for s in range(0, flat.numel(), step):
+        chunk = flat[s : s + step]
+        if not torch.isfinite(chunk.sum()) and not torch.isfinite(chunk).all():
+            return False
+    return True
 
 
 def merge(
