@@ -77,7 +77,7 @@ def partition_slerp(
     try:
         layer = locate(name, base.id, num_layers)
     except LayerError as error:
-        raise PartitionSlerpError(f"partition_slerp: {error}") from None
+        raise PartitionSlerpError(f"partition_slerp (at {name}): {error}") from None
     if layer is None:  # embeddings, final norm, lm_head: the base, bit for bit
         _require_finite(base.tensor, base.id, name, "base")
         return base.tensor
@@ -85,7 +85,7 @@ def partition_slerp(
     n_bins = len(donors) if bins is None else bins
     if n_bins > layer.num_layers:
         raise PartitionSlerpError(
-            f"partition_slerp: bins is {n_bins} but {layer.stack} has only "
+            f"partition_slerp (at {name}): bins is {n_bins} but {layer.stack} has only "
             f"{layer.num_layers} layers; use at most {layer.num_layers} bins"
         )
     if len(donors) == 1:
@@ -95,7 +95,7 @@ def partition_slerp(
         if n_bins < len(donors):
             unused = ", ".join(str(d.id) for d in donors[n_bins:])
             raise PartitionSlerpError(
-                f"partition_slerp: bins is {n_bins} but there are {len(donors)} donors, "
+                f"partition_slerp (at {name}): bins is {n_bins} but there are {len(donors)} donors, "
                 f"so these donors would never be used: {unused}. Set bins >= {len(donors)} "
                 "or remove them"
             )
