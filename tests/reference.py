@@ -8,8 +8,6 @@ the slerp in float64 and the drop mask from raw Philox draws.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import yaml
 

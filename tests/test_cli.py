@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, mergekit_yaml
+from conftest import BIN
 from mergekit_partition_slerp.family import load_state_dict
 from mergekit_partition_slerp.partition import layer_bins
 from reference import check_merge, eleusis_like, write_config

@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 import yaml
 
 from conftest import mergekit_yaml

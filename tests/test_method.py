@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mergekit.merge_methods import merge_state_dicts, merge_tensors
-from mergekit_partition_slerp.family import Shape, load_state_dict
+from mergekit_partition_slerp.family import load_state_dict
 from mergekit_partition_slerp.partition import layer_bins
 from conftest import assert_close_to_ref, ref_slerp64
 

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from conftest import BIN, mergekit_yaml
+from conftest import mergekit_yaml
 from mergekit_partition_slerp.family import load_state_dict, write_checkpoint
 from reference import check_merge, eleusis_like, write_config
-from test_cli import CLI, ENV, cli
+from test_cli import ENV, cli
 
 
 def clone(family, key, tmp_path, name=None):

@@ -1,14 +1,18 @@
 """Chunked slerp + drop (DESIGN §3.5). Pure torch, bounded scratch.
 
 Two passes over [rows, cols] (whole tensor: one row of numel):
-  1. per-row |a|^2, |b|^2, a.b accumulated in float64,
+  1. per-row |a|^2, |b|^2, a.b: float32 partials over blocks of BLOCK
+     elements (or one short row), summed in float64. Plain float32
+     accumulation over tens of millions of elements drifts enough to turn a
+     slerp into a lerp; 4096-element partials stay within ~1e-7.
   2. out = ca * a + cb * b per chunk, drop applied, rounded once to the dtype.
-Scratch is a few CHUNK-sized float32 buffers, whatever the tensor size.
+Scratch is a few CHUNK-sized float32 buffers (plus at most MASK_WINDOW of
+drawn masks), whatever the tensor size.
 
-Determinism: torch splits a reduction across threads only when it reduces
->= 32768 elements into one output. Every reduction here is over at most
-BLOCK (< 32768) elements per output, and block partials are combined in a
-fixed order, so the bits do not depend on the thread count.
+Determinism: pass 1 is one batched matmul per chunk; bmm splits the batch
+across threads, never a single [2, L] x [L, 2] product, and the partials are
+added in a fixed order. Pass 2 is elementwise. So the bits do not depend on
+the thread count (tests/test_kernels.py checks 1 vs 2 threads).
 """
 
 from __future__ import annotations

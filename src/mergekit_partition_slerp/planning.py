@@ -184,8 +184,6 @@ def _check_keys(raw: Dict[str, Any]) -> None:
 
 
 def _local_config(ref, label: str):
-    from mergekit.common import ModelReference  # noqa: F401
-
     path = ref.model.path
     looks_local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
