@@ -62,8 +62,6 @@ def check_merge(cfg_path: str, out_dir: str, num_layers: int):
     assignment = {}
     for name, a in base.items():
         if not name.startswith("model.layers."):
-            if cfg.get("tokenizer_source") and name in ("model.embed_tokens.weight", "lm_head.weight"):
-                continue  # mergekit re-aligns vocabulary tensors to the output tokenizer first
             assert torch.equal(out[name].view(torch.int16), a.view(torch.int16)), name
             continue
         layer = int(name.split(".")[2])

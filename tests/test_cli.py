@@ -212,3 +212,21 @@ def test_demo_builds_a_model_that_generates(tmp_path):
     cfg = str(tmp_path / "demo" / "eleusis-demo.yml")
     assert len(yaml.safe_load(open(cfg))["models"]) == 9
     check_merge(cfg, str(merged), 12)
+
+
+def test_run_with_relative_one_slash_paths_stays_offline(family, tmp_path):
+    # mergekit's card writer asks the hub about ids like "m/base"; run writes absolute paths
+    (tmp_path / "m").mkdir()
+    rel = {}
+    for k, path in family.items():
+        os.symlink(path, tmp_path / "m" / k)
+        rel[k] = f"m/{k}"
+    src = write_config(tmp_path / "r.yml", eleusis_like(rel, alias=False, bins=4))
+    proc = cli("run", "r.yml", "out", "--no-copy-tokenizer", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "partition.json").read_text())["base"] == "m/base"
+    os.chdir(tmp_path)
+    try:
+        check_merge(src, "out", 8)
+    finally:
+        os.chdir(os.path.dirname(__file__))

@@ -145,7 +145,7 @@ def run_plan(p, out_path: str, merge_options, force: bool = False, quiet: bool =
     out_path = os.path.abspath(out_path)
     if os.path.exists(out_path) and not force:
         _fail(f"output {out_path} already exists; pass --force to replace it.")
-    compiled = compile_config(p)
+    compiled = compile_config(p, absolute_paths=True)
     merge_config = MergeConfiguration.model_validate(yaml.safe_load(compiled))
     parent = os.path.dirname(out_path)
     os.makedirs(parent, exist_ok=True)

@@ -109,6 +109,9 @@ def write_tokenizer(path: str, vocab_size: int) -> None:
     for word in WORDS:
         if len(vocab) < vocab_size:
             vocab.setdefault(word, len(vocab))
+    # fill up to the model's vocab_size so mergekit keeps every embedding row
+    while len(vocab) < vocab_size:
+        vocab[f"tok{len(vocab)}"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(

@@ -100,33 +100,42 @@ class Plan:
         return "\n".join(lines)
 
     def plot(self, path: Optional[str] = None):
-        """Layer x donor heatmap of the MLP-class t, dropped attention marked."""
-        import matplotlib
+        """Layer x donor heatmap of the non-attention t; × marks drop_rate > 0.
 
-        if path:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        With a path the figure is drawn off-screen (no pyplot, no backend
+        switch) and saved; without one it is a pyplot figure for notebooks.
+        """
         import numpy as np
 
+        if path:
+            from matplotlib.figure import Figure
+
+            fig = Figure()
+        else:
+            import matplotlib.pyplot as plt
+
+            fig = plt.figure()
+        fig.set_size_inches(max(6, self.num_layers * 0.32 + 3), max(2.5, len(self.donors) * 0.42 + 1.4))
+        ax = fig.add_subplot()
         grid = np.full((len(self.donors), self.num_layers), np.nan)
-        attn = np.zeros_like(grid)
+        dropped = np.zeros_like(grid)
         for r in self.layers:
-            main = [v for k, v in r["t"].items() if not k.startswith("self_attn")] or list(r["t"].values())
+            main = [v for k, v in r["t"].items() if self.tensor_class(k) != "attn"] or list(r["t"].values())
             grid[r["donor_index"], r["layer"]] = max(main)
-            attn[r["donor_index"], r["layer"]] = max((v for k, v in r["drop_rate"].items()), default=0)
-        fig, ax = plt.subplots(figsize=(max(6, self.num_layers * 0.32 + 3), max(2.5, len(self.donors) * 0.42 + 1.4)))
+            dropped[r["donor_index"], r["layer"]] = max(r["drop_rate"].values(), default=0)
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        for d, l in zip(*np.nonzero(attn > 0)):
-            ax.text(l, d, "×", ha="center", va="center", color="white", fontsize=8)
-        ax.set_yticks(range(len(self.donors)), [os.path.basename(x.rstrip("/")) or x for x in self.donors], fontsize=8)
+        for d, l in zip(*np.nonzero(dropped > 0)):
+            # dark mark on the bright (yellow) end of viridis, light elsewhere
+            ax.text(l, d, "×", ha="center", va="center", color="black" if grid[d, l] > 0.6 else "white", fontsize=8)
+        labels = [os.path.basename(x.rstrip("/")) if os.path.isabs(x) or x.startswith(".") else x for x in self.donors]
+        ax.set_yticks(range(len(self.donors)), labels, fontsize=8)
         ax.set_xticks(range(self.num_layers), [str(i) for i in range(self.num_layers)], fontsize=7)
         ax.set_xlabel("layer (empty cell: layer not assigned to that donor)")
-        ax.set_title(f"partition_slerp: donor t per layer ({self.bins} bins, seed {self.seed}); × = attention drop", fontsize=9)
+        ax.set_title(f"partition_slerp: donor t per layer ({self.bins} bins, seed {self.seed}); × = drop_rate > 0", fontsize=9)
         fig.colorbar(im, ax=ax, label="t (0 = base, 1 = donor)", fraction=0.03)
         fig.tight_layout()
         if path:
             fig.savefig(path, dpi=130)
-            plt.close(fig)
         return fig
 
 
@@ -329,9 +338,14 @@ def plan(config) -> Plan:
     return build_plan(config)
 
 
-def compile_config(p: Plan) -> str:
-    """A plain mergekit config, one slice per layer, sources [base, assigned donor]."""
+def compile_config(p: Plan, absolute_paths: bool = False) -> str:
+    """A plain mergekit config, one slice per layer, sources [base, assigned donor].
+
+    absolute_paths: write existing local model directories as absolute paths
+    (mergekit's model card asks the hub about relative ids with one slash).
+    """
     raw = p.raw
+    fix = _absolute if absolute_paths else (lambda model: model)
     shared = {k: v for k, v in (raw.get("parameters") or {}).items() if k not in PER_DONOR}
     shared["bins"], shared["seed"] = p.bins, p.seed
     slices = []
@@ -340,10 +354,10 @@ def compile_config(p: Plan) -> str:
         for key in PER_DONOR:
             params[key] = _frozen(row[key], p.stack, row["layer"])
         slices.append({"sources": [
-            {"model": raw["base_model"], "layer_range": [row["layer"], row["layer"] + 1]},
-            {"model": row["donor"], "layer_range": [row["layer"], row["layer"] + 1], "parameters": params},
+            {"model": fix(raw["base_model"]), "layer_range": [row["layer"], row["layer"] + 1]},
+            {"model": fix(row["donor"]), "layer_range": [row["layer"], row["layer"] + 1], "parameters": params},
         ]})
-    out = {"merge_method": METHOD, "base_model": raw["base_model"], "parameters": shared, "slices": slices}
+    out = {"merge_method": METHOD, "base_model": fix(raw["base_model"]), "parameters": shared, "slices": slices}
     for key in ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template"):
         if key in raw:
             out[key] = raw[key]
@@ -354,6 +368,13 @@ def compile_config(p: Plan) -> str:
         f"# gradients are frozen to their per-layer floats. `mergekit-yaml` on this file gives the same bits.\n"
     )
     return header + yaml.safe_dump(out, sort_keys=False, width=1000)
+
+
+def _absolute(model: str) -> str:
+    path, sep, revision = str(model).partition("@")
+    if os.path.isdir(path) and not os.path.isabs(path):
+        return os.path.abspath(path) + sep + revision
+    return model
 
 
 def _frozen(values: Dict[str, float], stack: str, layer: int):
