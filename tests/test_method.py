@@ -133,3 +133,11 @@ def test_import_package_registers_and_twice_is_harmless():
 def test_method_module_imported_first_still_registers():
     proc = run_py("import mergekit_partition_slerp.method\nfrom mergekit.merge_methods import get\nget('partition_slerp')\nprint('ok')")
     assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_installed_distribution_ships_the_pth_hook():
+    from importlib.metadata import files
+
+    pth = [f for f in files("mergekit-partition-slerp") if f.name == "mergekit_partition_slerp.pth"]
+    assert pth, "the wheel must install mergekit_partition_slerp.pth at site-packages root"
+    assert pth[0].read_text().strip() == "import mergekit_partition_slerp._autoload"
