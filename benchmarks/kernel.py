@@ -1,0 +1,406 @@
+"""Per-tensor kernel benchmark: partition_slerp vs mergekit slerp vs bandwidth floors.
+
+    python benchmarks/kernel.py            # 4 Mistral-7B shapes, 7 reps (~4-5 min on 2 quiet cores)
+    python benchmarks/kernel.py --quick    # [14336,4096] only, 3 reps
+    python benchmarks/kernel.py --memory ps --shape 14336,4096   # one memory probe (used internally)
+
+Timing runs every kernel in ONE process, interleaved (round-robin inside each
+repetition, with the order rotated every repetition) so that slow drift of the
+machine (page-cache or THP state) hits every kernel alike; we report medians.
+The machine is shared, so each repetition first waits for the other
+processes to go quiet, and each call records whether another process used
+CPU meanwhile; medians are over the uncontended ("clean") calls, and ratios
+are medians of per-repetition ratios (a pair ran seconds apart).
+
+Memory is measured per kernel in a FRESH subprocess, because the peak RSS of
+a process only ever goes up and allocator caches of one kernel would
+otherwise hide or inflate the next one's.
+
+This is a script, not a test: it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import BackgroundLoad, CallMeter, wait_quiet  # noqa: E402
+
+THREADS = 2
+SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)]
+SHAPE_NOTES = {
+    (14336, 4096): "mlp up/gate",
+    (4096, 14336): "mlp down",
+    (4096, 4096): "attn q/o",
+    (1024, 4096): "attn k/v",
+}
+ONEPASS_CHUNK = 256 * 1024  # elements; same order as the package's CHUNK
+MLP_NAME = "model.layers.0.mlp.up_proj.weight"
+ATTN_NAME = "model.layers.0.self_attn.q_proj.weight"  # drop is realistic on attention
+
+# Kernels that are timed and memory-probed, in table order.
+KERNELS = ["floor_add", "floor_onepass", "mk_slerp", "mk_slerp_rowwise", "ps", "ps_rowwise", "ps_drop"]
+# Diagnostics, timed only, to show where ps's time goes: its pass 1 alone, the
+# drop-mask draws alone, and the one-pass floor when it must allocate a fresh
+# output each call like ps does (first-touch page faults are not free).
+DIAGNOSTICS = ["ps_pass1_stats", "ps_mask_draw", "floor_onepass_newout"]
+
+RATIOS = [  # (label, numerator, denominator)
+    ("mk_slerp/ps (speed-up)", "mk_slerp", "ps"),
+    ("mk_slerp_rowwise/ps_rowwise", "mk_slerp_rowwise", "ps_rowwise"),
+    ("ps/floor_onepass", "ps", "floor_onepass"),
+    ("ps/floor_onepass_newout", "ps", "floor_onepass_newout"),
+    ("ps/floor_add", "ps", "floor_add"),
+    ("ps_drop/ps", "ps_drop", "ps"),
+    ("ps_pass1_stats/ps", "ps_pass1_stats", "ps"),
+    ("ps_mask_draw(1 thread)/ps", "ps_mask_draw", "ps"),
+]
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make_inputs(shape: Tuple[int, int], seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """base ~ N(0, 0.02^2) in bf16; donor = base + noise with 5% of the weights' std.
+
+    5% relative noise gives cosine ~0.9988, i.e. below slerp's 0.9995 linear
+    fallback threshold, so the real spherical branch is exercised (2% would
+    give ~0.9998 and silently benchmark lerp). Generated in row blocks straight
+    into bf16 so that building the inputs never holds a full fp32 copy: the
+    memory probe wants a clean baseline.
+    """
+    rows, cols = shape
+    g = torch.Generator().manual_seed(seed)
+    a = torch.empty(shape, dtype=torch.bfloat16)
+    b = torch.empty(shape, dtype=torch.bfloat16)
+    step = max(1, (1 << 20) // cols)
+    w = torch.empty(min(step, rows), cols)
+    n = torch.empty_like(w)
+    for r in range(0, rows, step):
+        k = min(step, rows - r)
+        wk, nk = w[:k], n[:k]
+        torch.randn(wk.shape, generator=g, out=wk).mul_(0.02)
+        torch.randn(nk.shape, generator=g, out=nk).mul_(0.05 * 0.02).add_(wk)
+        a[r : r + k].copy_(wk)
+        b[r : r + k].copy_(nk)
+    return a, b
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A zero-argument callable running `kind` on (a, b). Output buffers that the
+    floors write into are allocated here, outside the timed call."""
+    from mergekit.merge_methods import merge_tensors
+    from mergekit.merge_methods.slerp import slerp
+
+    rows = a.shape[0]
+    if kind == "floor_add":
+        out = torch.empty_like(a)
+        return lambda: torch.add(a, b, out=out)
+    if kind == "floor_onepass":
+        out = torch.empty_like(a)
+        x = torch.empty(ONEPASS_CHUNK, dtype=torch.float32)
+        y = torch.empty(ONEPASS_CHUNK, dtype=torch.float32)
+        fa, fb, fo = a.view(-1), b.view(-1), out.view(-1)
+
+        def onepass():
+            # Read both bf16 inputs once, combine in fp32, write bf16 once: the
+            # least any fp32-accurate merge kernel can do (ps does this plus a
+            # second read-only pass for the norms and dot product).
+            for s in range(0, fa.numel(), ONEPASS_CHUNK):
+                e = min(s + ONEPASS_CHUNK, fa.numel())
+                xs, ys = x[: e - s], y[: e - s]
+                xs.copy_(fa[s:e])
+                ys.copy_(fb[s:e])
+                xs.mul_(0.5).add_(ys, alpha=0.5)
+                fo[s:e].copy_(xs)
+            return out
+
+        return onepass
+    if kind == "floor_onepass_newout":
+        # Same pass, but into a new output per call allocated the way ps allocates
+        # it (private helper: numpy storage, madvise(HUGEPAGE)).
+        from mergekit_partition_slerp import kernels as K
+
+        x = torch.empty(ONEPASS_CHUNK, dtype=torch.float32)
+        y = torch.empty(ONEPASS_CHUNK, dtype=torch.float32)
+        fa, fb = a.view(-1), b.view(-1)
+
+        def onepass_newout():
+            fo = K._empty(fa.numel(), a.dtype)
+            for s in range(0, fa.numel(), ONEPASS_CHUNK):
+                e = min(s + ONEPASS_CHUNK, fa.numel())
+                xs, ys = x[: e - s], y[: e - s]
+                xs.copy_(fa[s:e])
+                ys.copy_(fb[s:e])
+                xs.mul_(0.5).add_(ys, alpha=0.5)
+                fo[s:e].copy_(xs)
+            return fo.view(a.shape)
+
+        return onepass_newout
+    if kind == "mk_slerp":
+        return lambda: merge_tensors([a, b], "slerp", parameters={"t": 0.5}, base_index=0)
+    if kind == "mk_slerp_rowwise":
+        t = torch.tensor([0.5] * rows)
+        return lambda: slerp(t, a, b)
+    if kind in ("ps", "ps_rowwise", "ps_drop"):
+        params = {"t": 0.5, "num_layers": 1}
+        name = MLP_NAME
+        if kind == "ps_rowwise":
+            params["rowwise"] = True
+        if kind == "ps_drop":
+            params["drop_rate"] = 0.28
+            name = ATTN_NAME
+        return lambda: merge_tensors([a, b], "partition_slerp", parameters=params, base_index=0, name=name)
+    if kind == "ps_pass1_stats":
+        # Private API on purpose: pass 1 alone (per-row |a|^2, |b|^2, a.b).
+        from mergekit_partition_slerp import kernels as K
+
+        rows1, cols1 = K._layout(a, rowwise=False)
+        pieces = K._chunks(rows1, cols1)
+        a2, b2 = a.reshape(rows1, cols1), b.reshape(rows1, cols1)
+        return lambda: K._stats(a2, b2, rows1, cols1, pieces, torch.float32)
+    if kind == "ps_mask_draw":
+        # The Philox keep-mask draws of ps_drop, serially on this thread (ps_drop
+        # runs them on 2 worker threads overlapped with the arithmetic).
+        from mergekit_partition_slerp import kernels as K
+        from mergekit_partition_slerp import partition
+
+        n = a.numel()
+        spans = [(s, min(K.CHUNK, n - s)) for s in range(0, n, K.CHUNK)]
+        return lambda: [partition.keep_mask_range(ATTN_NAME, 0, 0.28, s, k) for s, k in spans]
+    raise ValueError(f"unknown kernel {kind!r}")
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_shape(shape, reps: int, kinds: List[str]):
+    """{kernel: [(ms, contended), ...]}, plus the seconds spent waiting for quiet."""
+    a, b = make_inputs(shape)
+    fns = {k: build_kernel(k, a, b) for k in kinds}
+    for fn in fns.values():  # warm-up: imports, first-touch page faults, allocator
+        fn()
+    samples: Dict[str, List[Tuple[float, bool]]] = {k: [] for k in kinds}
+    waited = 0.0
+    for rep in range(reps):
+        waited += wait_quiet(timeout=30)  # bounded: the whole run should stay ~5 min
+        # Rotate the order each rep so no kernel always follows the same one.
+        order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
+        for k in order:
+            gc.collect()
+            with CallMeter() as m:
+                result = fns[k]()
+            del result  # free the output before the next kernel allocates its own
+            samples[k].append((m.wall * 1e3, m.contended))
+    return samples, waited
+
+
+def robust_median(samples: List[Tuple[float, bool]]) -> Tuple[float, int]:
+    """Median over the samples no other process competed with, if at least
+    one exists; else over all. Returns (median ms, number of samples used)."""
+    clean = [ms for ms, contended in samples if not contended]
+    use = clean or [ms for ms, _ in samples]
+    return statistics.median(use), len(clean)
+
+
+def print_timing(shape, samples):
+    med = {k: robust_median(v)[0] for k, v in samples.items()}
+    numel = shape[0] * shape[1]
+    reps = len(next(iter(samples.values())))
+    print(f"\n== shape {list(shape)} ({SHAPE_NOTES.get(tuple(shape), '')}), "
+          f"{numel * 2 / 2**20:.0f} MiB per bf16 tensor, {reps} reps ==")
+    print(f"{'kernel':<22}{'median ms':>10}{'min ms':>9}{'max ms':>10}{'clean':>7}{'GB/s*':>7}")
+    for k, v in samples.items():
+        # GB/s*: one read of both inputs + one write of the output, per second.
+        gbs = 3 * numel * 2 / (med[k] / 1e3) / 1e9
+        all_ms = [ms for ms, _ in v]
+        clean = robust_median(v)[1]
+        print(f"{k:<22}{med[k]:>10.1f}{min(all_ms):>9.1f}{max(all_ms):>10.1f}{clean:>4}/{reps:<2}{gbs:>7.2f}")
+    # Ratios are medians of per-rep ratios: the two kernels of a pair ran within
+    # a second or two of each other, so drift of the machine cancels out. The
+    # ratio of minimums is shown too: on this VM a call that must fault in a
+    # fresh output (new 2 MiB pages) can take 2-3x longer than one that reuses
+    # mapped memory, and which one happens depends on allocator history; the
+    # minimum is each kernel's cost without that tax.
+    mins = {k: min(ms for ms, _ in v) for k, v in samples.items()}
+    print(f"  {'ratio':<34}{'per-rep':>8}{'medians':>9}{'minimums':>10}")
+    ratios = {}
+    for label, num, den in RATIOS:
+        if num in samples and den in samples:
+            pairs = list(zip(samples[num], samples[den]))
+            clean = [x / y for (x, cx), (y, cy) in pairs if not cx and not cy]
+            ratios[label] = statistics.median(clean or [x / y for (x, _), (y, _) in pairs])
+            print(f"  {label:<34}{ratios[label]:>7.2f}x{med[num] / med[den]:>8.2f}x{mins[num] / mins[den]:>9.2f}x")
+    return med, ratios
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _status() -> Dict[str, int]:
+    """VmRSS / VmHWM / RssAnon of this process, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def _malloc_trim() -> None:
+    """Give freed heap back to the OS so it cannot vanish from RSS mid-kernel
+    (which would make a kernel's extra memory look negative)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False if not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_probe(kind: str, shape: Tuple[int, int]) -> Dict:
+    """Run in a fresh process: peak RSS the kernel adds beyond inputs and output."""
+    torch.set_num_threads(THREADS)
+    # Warm up on a tiny tensor first: the first merge_tensors call imports
+    # modules and builds mergekit's registry; that is not the kernel's memory.
+    ta, tb = make_inputs((64, 64), seed=1)
+    build_kernel(kind, ta, tb)()
+    del ta, tb
+    a, b = make_inputs(shape)
+    fn = build_kernel(kind, a, b)  # floors allocate (but do not touch) their out here
+    gc.collect()
+    _malloc_trim()
+    reset = _reset_peak()
+    before = _status()
+    result = fn()
+    after = _status()
+    out_bytes = a.numel() * a.element_size()  # every kernel produces one bf16 output
+    peak = after["VmHWM"]
+    return {
+        "kernel": kind,
+        "shape": list(shape),
+        "peak_reset": reset,
+        # Without a reset, VmHWM may still hold the input-building peak, so the
+        # number is only an upper bound on the kernel's own peak.
+        "extra_bytes": peak - before["VmRSS"] - out_bytes,
+        "out_bytes": out_bytes,
+        "result_ok": tuple(result.shape) == tuple(shape) if isinstance(result, torch.Tensor) else True,
+    }
+
+
+def run_memory_probes(shapes, kinds) -> Dict[Tuple, Dict[str, Dict]]:
+    """Fresh probes per (shape, kernel), run two at a time (memory is per
+    process, so running side by side does not change it; it halves the wall
+    time). mergekit's slerp gets two trials: its peak depends on how glibc's
+    per-thread arenas happen to recycle its per-chunk temporaries, and varies
+    from run to run by up to ~30x; our kernels reuse preallocated scratch."""
+    jobs = [(tuple(shape), k) for shape in shapes for k in kinds for _ in range(2 if k.startswith("mk_") else 1)]
+    res: Dict[Tuple, Dict[str, Dict]] = {tuple(s): {k: {"trials": [], "errors": []} for k in kinds} for s in shapes}
+    for i in range(0, len(jobs), 2):
+        procs = []
+        for shape, k in jobs[i : i + 2]:
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory", k, "--shape", f"{shape[0]},{shape[1]}"]
+            procs.append((shape, k, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        for shape, k, p in procs:
+            out, err = p.communicate()
+            cell = res[shape][k]
+            if p.returncode != 0:
+                cell["errors"].append(err.strip().splitlines()[-1] if err.strip() else f"exit {p.returncode}")
+            else:
+                cell["trials"].append(json.loads(out.strip().splitlines()[-1]))
+    return res
+
+
+def print_memory(mem):
+    print("\n== extra peak RSS per kernel, MiB: peak minus (inputs + one output), fresh process per trial ==")
+    print("   (max over trials; 'lo-hi' when trials differ by > 10%; '(ub)' = peak could not be reset)")
+    kinds = list(next(iter(mem.values())))
+    print(f"{'shape':<16}" + "".join(f"{k:>18}" for k in kinds))
+    for shape, row in mem.items():
+        cells = []
+        for k in kinds:
+            trials = row[k]["trials"]
+            if not trials:
+                cells.append("error")
+                continue
+            vals = [t["extra_bytes"] / 2**20 for t in trials]
+            lo, hi = min(vals), max(vals)
+            text = f"{hi:.1f}" if hi - lo <= 0.1 * max(abs(hi), 1.0) else f"{lo:.0f}-{hi:.0f}"
+            if not all(t["peak_reset"] for t in trials):
+                text += " (ub)"
+            cells.append(text)
+        print(f"{str(list(shape)):<16}" + "".join(f"{c:>18}" for c in cells))
+    for shape, row in mem.items():
+        for k, cell in row.items():
+            for e in cell["errors"]:
+                print(f"  {k} {list(shape)} failed: {e}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="only [14336,4096], 3 reps")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-kernel memory subprocesses")
+    ap.add_argument("--no-diagnostics", action="store_true", help="skip the ps pass-1 / mask-draw breakdown")
+    ap.add_argument("--memory", metavar="KERNEL", help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--shape", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.memory:
+        shape = tuple(int(x) for x in args.shape.split(","))
+        print(json.dumps(memory_probe(args.memory, shape)))
+        return
+
+    torch.set_num_threads(THREADS)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    reps = args.reps or (3 if args.quick else 7)
+    kinds = KERNELS + ([] if args.no_diagnostics else DIAGNOSTICS)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 inputs, "
+          f"{reps} interleaved reps, medians")
+    t_start = time.perf_counter()
+    summary = {}
+    for shape in shapes:
+        with BackgroundLoad() as load:
+            samples, waited = time_shape(shape, reps, kinds)
+        summary[shape] = print_timing(shape, samples)[1]
+        print(f"  ({load.describe()}; waited {waited:.0f} s for quiet)")
+    print("\n== targets (median of per-rep ratios) ==")
+    for shape, r in summary.items():
+        speed, floor = r["mk_slerp/ps (speed-up)"], r["ps/floor_onepass"]
+        print(f"  {str(list(shape)):<15} mk_slerp/ps {speed:5.2f}x (>= 3: {'met' if speed >= 3 else 'MISSED'})"
+              f"   ps/floor_onepass {floor:5.2f}x (<= 2.2: {'met' if floor <= 2.2 else 'MISSED'})")
+    if not args.no_memory:
+        mem = run_memory_probes(shapes, KERNELS)
+        print_memory(mem)
+    print(f"\ntotal benchmark time {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
