@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -188,12 +189,14 @@ def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], to
 
 
 def time_shape(shape, reps: int, kinds: List[str]):
-    """{kernel: [(ms, contended), ...]}, plus the seconds spent waiting for quiet."""
+    """{kernel: [(ms, contended), ...]}, {kernel: [page faults, ...]}, and the
+    seconds spent waiting for quiet."""
     a, b = make_inputs(shape)
     fns = {k: build_kernel(k, a, b) for k in kinds}
     for fn in fns.values():  # warm-up: imports, first-touch page faults, allocator
         fn()
     samples: Dict[str, List[Tuple[float, bool]]] = {k: [] for k in kinds}
+    faults: Dict[str, List[int]] = {k: [] for k in kinds}
     waited = 0.0
     for rep in range(reps):
         waited += wait_quiet(timeout=30)  # bounded: the whole run should stay ~5 min
@@ -201,11 +204,15 @@ def time_shape(shape, reps: int, kinds: List[str]):
         order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
         for k in order:
             gc.collect()
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             with CallMeter() as m:
                 result = fns[k]()
+            # Page faults show when a call got fresh memory from the kernel
+            # (a 2 MiB huge page counts as one fault), which is slow on this VM.
+            faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             del result  # free the output before the next kernel allocates its own
             samples[k].append((m.wall * 1e3, m.contended))
-    return samples, waited
+    return samples, faults, waited
 
 
 def robust_median(samples: List[Tuple[float, bool]]) -> Tuple[float, int]:
@@ -216,19 +223,22 @@ def robust_median(samples: List[Tuple[float, bool]]) -> Tuple[float, int]:
     return statistics.median(use), len(clean)
 
 
-def print_timing(shape, samples):
+def print_timing(shape, samples, faults):
     med = {k: robust_median(v)[0] for k, v in samples.items()}
     numel = shape[0] * shape[1]
     reps = len(next(iter(samples.values())))
     print(f"\n== shape {list(shape)} ({SHAPE_NOTES.get(tuple(shape), '')}), "
           f"{numel * 2 / 2**20:.0f} MiB per bf16 tensor, {reps} reps ==")
-    print(f"{'kernel':<22}{'median ms':>10}{'min ms':>9}{'max ms':>10}{'clean':>7}{'GB/s*':>7}")
+    print(f"{'kernel':<22}{'median ms':>10}{'min ms':>9}{'max ms':>10}{'clean':>7}{'GB/s*':>7}{'faults':>16}")
     for k, v in samples.items():
         # GB/s*: one read of both inputs + one write of the output, per second.
+        # faults: fewest..most page faults in one call.
         gbs = 3 * numel * 2 / (med[k] / 1e3) / 1e9
         all_ms = [ms for ms, _ in v]
         clean = robust_median(v)[1]
-        print(f"{k:<22}{med[k]:>10.1f}{min(all_ms):>9.1f}{max(all_ms):>10.1f}{clean:>4}/{reps:<2}{gbs:>7.2f}")
+        fl = sorted(faults[k])
+        print(f"{k:<22}{med[k]:>10.1f}{min(all_ms):>9.1f}{max(all_ms):>10.1f}{clean:>4}/{reps:<2}{gbs:>7.2f}"
+              f"{str(fl[0]) + '..' + str(fl[-1]):>16}")
     # Ratios are medians of per-rep ratios: the two kernels of a pair ran within
     # a second or two of each other, so drift of the machine cancels out. The
     # ratio of minimums is shown too: on this VM a call that must fault in a
@@ -388,8 +398,8 @@ def main(argv=None):
     summary = {}
     for shape in shapes:
         with BackgroundLoad() as load:
-            samples, waited = time_shape(shape, reps, kinds)
-        summary[shape] = print_timing(shape, samples)[1]
+            samples, faults, waited = time_shape(shape, reps, kinds)
+        summary[shape] = print_timing(shape, samples, faults)[1]
         print(f"  ({load.describe()}; waited {waited:.0f} s for quiet)")
     print("\n== targets (median of per-rep ratios) ==")
     for shape, r in summary.items():
