@@ -100,54 +100,51 @@ def make_inputs(shape: Tuple[int, int], seed: int = 0) -> Tuple[torch.Tensor, to
 # --------------------------------------------------------------------------- kernels
 
 
+def _onepass(fa, fb, fo, x, y) -> None:
+    """fo = 0.5*fa + 0.5*fb, chunk by chunk: read both bf16 inputs once, combine
+    in fp32 scratch, write bf16 once. The least any fp32-accurate merge kernel
+    can do (ps does this plus a read-only pass 1 for the norms and the dot)."""
+    n = fa.numel()
+    for s in range(0, n, ONEPASS_CHUNK):
+        e = min(s + ONEPASS_CHUNK, n)
+        xs, ys = x[: e - s], y[: e - s]
+        xs.copy_(fa[s:e])
+        ys.copy_(fb[s:e])
+        xs.mul_(0.5).add_(ys, alpha=0.5)
+        fo[s:e].copy_(xs)
+
+
 def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor]:
     """A zero-argument callable running `kind` on (a, b). Output buffers that the
     floors write into are allocated here, outside the timed call."""
     from mergekit.merge_methods import merge_tensors
     from mergekit.merge_methods.slerp import slerp
+    # Private helpers of the package, on purpose: the diagnostics take ps apart.
+    from mergekit_partition_slerp import kernels as PK
+    from mergekit_partition_slerp import partition
 
     rows = a.shape[0]
+    fa, fb = a.view(-1), b.view(-1)
     if kind == "floor_add":
         out = torch.empty_like(a)
         return lambda: torch.add(a, b, out=out)
-    if kind == "floor_onepass":
-        out = torch.empty_like(a)
+    if kind in ("floor_onepass", "floor_onepass_newout"):
         x = torch.empty(ONEPASS_CHUNK, dtype=torch.float32)
         y = torch.empty(ONEPASS_CHUNK, dtype=torch.float32)
-        fa, fb, fo = a.view(-1), b.view(-1), out.view(-1)
+        if kind == "floor_onepass":
+            out = torch.empty_like(a)
 
-        def onepass():
-            # Read both bf16 inputs once, combine in fp32, write bf16 once: the
-            # least any fp32-accurate merge kernel can do (ps does this plus a
-            # second read-only pass for the norms and dot product).
-            for s in range(0, fa.numel(), ONEPASS_CHUNK):
-                e = min(s + ONEPASS_CHUNK, fa.numel())
-                xs, ys = x[: e - s], y[: e - s]
-                xs.copy_(fa[s:e])
-                ys.copy_(fb[s:e])
-                xs.mul_(0.5).add_(ys, alpha=0.5)
-                fo[s:e].copy_(xs)
-            return out
+            def onepass():
+                _onepass(fa, fb, out.view(-1), x, y)
+                return out
 
-        return onepass
-    if kind == "floor_onepass_newout":
-        # Same pass, but into a new output per call allocated the way ps allocates
-        # it (private helper: numpy storage, madvise(HUGEPAGE)).
-        from mergekit_partition_slerp import kernels as K
-
-        x = torch.empty(ONEPASS_CHUNK, dtype=torch.float32)
-        y = torch.empty(ONEPASS_CHUNK, dtype=torch.float32)
-        fa, fb = a.view(-1), b.view(-1)
+            return onepass
 
         def onepass_newout():
-            fo = K._empty(fa.numel(), a.dtype)
-            for s in range(0, fa.numel(), ONEPASS_CHUNK):
-                e = min(s + ONEPASS_CHUNK, fa.numel())
-                xs, ys = x[: e - s], y[: e - s]
-                xs.copy_(fa[s:e])
-                ys.copy_(fb[s:e])
-                xs.mul_(0.5).add_(ys, alpha=0.5)
-                fo[s:e].copy_(xs)
+            # A new output per call, allocated the way ps allocates its own
+            # (numpy storage, madvise(HUGEPAGE)): first-touch faults included.
+            fo = PK._empty(fa.numel(), a.dtype)
+            _onepass(fa, fb, fo, x, y)
             return fo.view(a.shape)
 
         return onepass_newout
@@ -166,21 +163,16 @@ def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], to
             name = ATTN_NAME
         return lambda: merge_tensors([a, b], "partition_slerp", parameters=params, base_index=0, name=name)
     if kind == "ps_pass1_stats":
-        # Private API on purpose: pass 1 alone (per-row |a|^2, |b|^2, a.b).
-        from mergekit_partition_slerp import kernels as K
-
-        rows1, cols1 = K._layout(a, rowwise=False)
-        pieces = K._chunks(rows1, cols1)
+        # Pass 1 of ps alone: per-row |a|^2, |b|^2, a.b (one row: whole tensor).
+        rows1, cols1 = PK._layout(a, rowwise=False)
+        pieces = PK._chunks(rows1, cols1)
         a2, b2 = a.reshape(rows1, cols1), b.reshape(rows1, cols1)
-        return lambda: K._stats(a2, b2, rows1, cols1, pieces, torch.float32)
+        return lambda: PK._stats(a2, b2, rows1, cols1, pieces, torch.float32)
     if kind == "ps_mask_draw":
         # The Philox keep-mask draws of ps_drop, serially on this thread (ps_drop
         # runs them on 2 worker threads overlapped with the arithmetic).
-        from mergekit_partition_slerp import kernels as K
-        from mergekit_partition_slerp import partition
-
         n = a.numel()
-        spans = [(s, min(K.CHUNK, n - s)) for s in range(0, n, K.CHUNK)]
+        spans = [(s, min(PK.CHUNK, n - s)) for s in range(0, n, PK.CHUNK)]
         return lambda: [partition.keep_mask_range(ATTN_NAME, 0, 0.28, s, k) for s, k in spans]
     raise ValueError(f"unknown kernel {kind!r}")
 
