@@ -6,8 +6,8 @@ Two passes over [rows, cols] (whole tensor: one row of numel):
      accumulation over tens of millions of elements drifts enough to turn a
      slerp into a lerp; 4096-element partials stay within ~1e-7.
   2. out = ca * a + cb * b per chunk, drop applied, rounded once to the dtype.
-Scratch is a few CHUNK-sized float32 buffers (plus at most MASK_WINDOW of
-drawn masks), whatever the tensor size.
+Scratch is a few CHUNK-sized buffers (one chunk of drop mask included),
+whatever the tensor size.
 
 Determinism: pass 1 is one batched matmul per chunk; bmm splits the batch
 across threads, never a single [2, L] x [L, 2] product, and the partials are
@@ -24,7 +24,10 @@ import numpy as np
 import torch
 
 BLOCK = 4096  # elements per float32 partial sum; partials add up in float64
-CHUNK = 64 * BLOCK  # elements per chunk: 1 MiB of float32 per scratch buffer
+# elements per chunk (8 MiB of float32 per scratch buffer): big enough that
+# per-op overhead (Python + OpenMP fork/join) stays small next to the memory
+# traffic, small enough for ~24 MiB of scratch whatever the tensor size
+CHUNK = 512 * BLOCK
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
@@ -33,7 +36,7 @@ EPS = 1e-8
 _NP_STORAGE = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 MaskSource = Callable[[int, int], np.ndarray]  # (start, size) -> keep
-MASK_WINDOW = 32 << 20  # bytes of keep mask drawn ahead of use
+MASK_DRAW = 1 << 18  # raw 64-bit draws one worker holds at once
 
 
 class NonFiniteError(ValueError):
@@ -103,45 +106,39 @@ def _coefficients(sums: torch.Tensor, t: float) -> Tuple[torch.Tensor, torch.Ten
     return ca, cb
 
 
-class _MaskPrefetch:
-    """Draw keep-mask chunks on worker threads (numpy releases the GIL), from
-    before pass 1 until they are used in pass 2, at most MASK_WINDOW ahead."""
+class _MaskBatches:
+    """Draw each chunk's keep mask on two worker threads (numpy releases the
+    GIL), then hand it to pass 2.
+
+    Drawing and arithmetic take turns instead of overlapping: on two cores,
+    mask workers running beside torch's own two threads stall its OpenMP
+    barriers, which measured slower. One chunk of mask is alive at a time.
+    """
 
     def __init__(self, mask: MaskSource, spans: List[Tuple[int, int]], wd: torch.dtype):
-        self.spans = spans
-        int_type = np.int64 if wd == torch.float64 else np.int32
-
-        def draw(start: int, size: int) -> torch.Tensor:
-            # keep -> all ones, drop -> 0: a bitwise select is exact and much
-            # faster than torch.where on CPU.
-            select = mask(start, size).astype(int_type)
-            np.negative(select, out=select)
-            return torch.from_numpy(select)
-
-        self.mask = draw
+        self.mask, self.spans = mask, spans
+        self.int_type = np.int64 if wd == torch.float64 else np.int32
         self.pool = ThreadPoolExecutor(max_workers=2)
-        self.pending: List = []
-        self.next = 0
-        self.ahead = max(2, MASK_WINDOW // max(CHUNK, 1))
-        self._fill()
 
-    def _fill(self):
-        while self.next < len(self.spans) and len(self.pending) < self.ahead:
-            self.pending.append(self.pool.submit(self.mask, *self.spans[self.next]))
-            self.next += 1
+    def _chunk(self, start: int, size: int) -> torch.Tensor:
+        # keep -> all ones, drop -> 0: a bitwise select is exact and much
+        # faster than torch.where on CPU.
+        select = np.empty(size, dtype=self.int_type)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        try:
-            while self.pending:
-                keep = self.pending.pop(0).result()
-                self._fill()
-                yield keep
-        finally:
-            self.close()
+        def fill(off: int) -> None:
+            k = min(MASK_DRAW, size - off)
+            part = select[off : off + k]
+            part[...] = self.mask(start + off, k)
+            np.negative(part, out=part)
+
+        list(self.pool.map(fill, range(0, size, MASK_DRAW)))
+        return torch.from_numpy(select)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for start, size in self.spans:
+            yield self._chunk(start, size)
 
     def close(self):
-        for f in self.pending:
-            f.cancel()
         self.pool.shutdown(wait=True)
 
 
@@ -193,11 +190,11 @@ def merge(
     if drop_rate > 0:
         if mask is None:
             raise ValueError("drop_rate > 0 needs a mask source")
-        masks = _MaskPrefetch(mask, [(r0 * cols + c0, (r1 - r0) * (c1 - c0)) for r0, r1, c0, c1 in pieces], wd)
+        masks = _MaskBatches(mask, [(r0 * cols + c0, (r1 - r0) * (c1 - c0)) for r0, r1, c0, c1 in pieces], wd)
     try:
         return _merge(a, a2, b2, t, rows, cols, pieces, masks, wd, drop_rate, rescale)
     finally:
-        if isinstance(masks, _MaskPrefetch):
+        if isinstance(masks, _MaskBatches):
             masks.close()
 
 
