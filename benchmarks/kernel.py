@@ -142,8 +142,8 @@ def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], to
 
         def onepass_newout():
             # A new output per call, allocated the way ps allocates its own
-            # (numpy storage, madvise(HUGEPAGE)): first-touch faults included.
-            fo = PK._empty(fa.numel(), a.dtype)
+            # (torch.empty): first-touch page faults included.
+            fo = torch.empty(fa.numel(), dtype=a.dtype)
             _onepass(fa, fb, fo, x, y)
             return fo.view(a.shape)
 

@@ -31,10 +31,6 @@ CHUNK = 512 * BLOCK
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
-# numpy allocations of this size are madvise(HUGEPAGE)d: far fewer page faults
-# than torch.empty when the output is first written.
-_NP_STORAGE = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
-
 MaskSource = Callable[[int, int], np.ndarray]  # (start, size) -> keep
 MASK_DRAW = 1 << 18  # raw 64-bit draws one worker holds at once
 
@@ -142,12 +138,6 @@ class _MaskBatches:
         self.pool.shutdown(wait=True)
 
 
-def _empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    if dtype in _NP_STORAGE:
-        return torch.from_numpy(np.empty(numel, dtype=_NP_STORAGE[dtype])).view(dtype)
-    return torch.empty(numel, dtype=dtype)
-
-
 def check_finite(x: torch.Tensor) -> bool:
     """No NaN or Inf in x. A chunk's sum is finite unless the chunk holds a
     NaN/Inf (or overflows, which the exact check then clears): ~10x cheaper
@@ -219,7 +209,7 @@ def _merge(a, a2, b2, t, rows, cols, pieces, masks, wd, drop_rate, rescale):
 
     keep_scale = 1.0 - drop_rate
 
-    out = _empty(a.numel(), a.dtype).view(rows, cols)
+    out = torch.empty((rows, cols), dtype=a.dtype)
     x = torch.empty(CHUNK, dtype=wd)
     y = torch.empty(CHUNK, dtype=wd)
     it = torch.int64 if wd == torch.float64 else torch.int32
