@@ -58,7 +58,7 @@ def _at(value, name: str, position: float) -> float:
 @merge_method(
     name="partition_slerp",
     pretty_name="Partition SLERP",
-    reference_url="https://github.com/mergekit-partition-slerp/mergekit-partition-slerp#semantics",
+    reference_url="https://pypi.org/project/mergekit-partition-slerp/",  # the README, semantics included
     optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
     contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
 )
