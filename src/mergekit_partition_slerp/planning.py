@@ -318,19 +318,16 @@ def _stack(name: str, index: int) -> str:
 
 
 def _pydantic_summary(error: Exception) -> str:
+    """The first few pydantic complaints on one line, else the message's first line."""
     errors = getattr(error, "errors", None)
     if callable(errors):
-        try:
-            items = errors()
-            parts = []
-            for e in items[:3]:
-                loc = ".".join(str(x) for x in e.get("loc", ()) if not isinstance(x, int) or True)
-                value = e.get("input")
-                parts.append(f"{loc + ': ' if loc else ''}{e.get('msg')} (got {value!r})")
-            return "; ".join(parts)
-        except Exception:
-            pass
-    return str(error).strip().splitlines()[0]
+        parts = []
+        for e in errors()[:3]:
+            loc = ".".join(str(x) for x in e.get("loc", ()))
+            parts.append(f"{loc + ': ' if loc else ''}{e.get('msg')} (got {e.get('input')!r})")
+        return "; ".join(parts)
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def plan(config) -> Plan:
