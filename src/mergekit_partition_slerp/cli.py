@@ -162,8 +162,7 @@ def run_plan(p, out_path: str, merge_options, force: bool = False, quiet: bool =
     start = time.perf_counter()
     LazyTensorLoader.get_tensor = counting
     try:
-        source_text = open(p.source).read() if p.source else yaml.safe_dump(p.raw, sort_keys=False)
-        run_merge(merge_config, work, options=merge_options, config_source=source_text)
+        run_merge(merge_config, work, options=merge_options, config_source=p.source_text)
         record = p.to_dict()
         record["versions"] = {
             "mergekit-partition-slerp": __version__, "mergekit": getattr(mergekit, "__version__", _dist_version("mergekit")),

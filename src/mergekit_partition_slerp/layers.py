@@ -95,6 +95,3 @@ def locate(name: Optional[str], base_id, num_layers: Optional[int]) -> Optional[
         raise LayerError(f"tensor {name!r} is layer {found[1]} but num_layers is {num_layers}")
     return LayerInfo(found[0], found[1], num_layers)
 
-
-def architecture_layers(base) -> Tuple[Dict[str, int], int]:
-    return _architecture_layers(base)

@@ -8,7 +8,7 @@ on the hub rebuilds the same bins and masks on any machine.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List
 
 import numpy as np
 
@@ -58,11 +58,6 @@ def layer_bins(stack_key: str, num_layers: int, bins: int, seed: int) -> List[in
 def layer_position(index: int, num_layers: int) -> float:
     """mergekit's gradient position for layer `index` of a full-depth slice."""
     return index / (num_layers - 1) if num_layers > 1 else 1.0
-
-
-def unused_donors(donors: Sequence[str], bins: int) -> List[str]:
-    """Donors that own no bin (bin b belongs to donor b mod N)."""
-    return list(donors[bins:])
 
 
 def keep_threshold(p: float) -> int:

@@ -54,6 +54,7 @@ class Plan:
     non_layer: List[str]
     config_sha256: str = ""
     source: Optional[str] = None
+    source_text: str = field(default="", repr=False)  # the recipe as read, for the model card
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -140,10 +141,10 @@ class Plan:
 
 
 def read_source(config) -> tuple:
-    """(raw dict, source text or None, sha256) from a path, YAML text or dict."""
+    """(raw dict, path or None, sha256, text) from a config path or dict."""
     if isinstance(config, dict):
         text = yaml.safe_dump(config, sort_keys=False)
-        return config, None, hashlib.sha256(text.encode()).hexdigest()
+        return config, None, hashlib.sha256(text.encode()).hexdigest(), text
     path = os.fspath(config)
     if not os.path.exists(path):
         raise ConfigError(f"config file {path} does not exist.")
@@ -158,7 +159,7 @@ def read_source(config) -> tuple:
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}.") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must be a YAML mapping with merge_method, base_model and models.")
-    return raw, path, hashlib.sha256(data).hexdigest()
+    return raw, path, hashlib.sha256(data).hexdigest(), data.decode("utf-8")
 
 
 def _check_keys(raw: Dict[str, Any]) -> None:
@@ -204,7 +205,7 @@ def _local_config(ref, label: str):
 
 
 def build_plan(config) -> Plan:
-    raw, source, sha = read_source(config)
+    raw, source, sha, text = read_source(config)
     _check_keys(raw)
     from mergekit.architecture import arch_info_for_config
     from mergekit.architecture.base import ConfiguredModelArchitecture
@@ -303,7 +304,7 @@ def build_plan(config) -> Plan:
     non_layer = [w.name for w in module.pre_weights() + module.post_weights()]
     return Plan(seed=seed, bins=n_bins, stack=stack, num_layers=L, base=str(raw["base_model"]),
                 donors=[_as_written(raw, k, base) for k in range(len(donors))], layers=layers,
-                non_layer=non_layer, config_sha256=sha, source=source, raw=raw)
+                non_layer=non_layer, config_sha256=sha, source=source, source_text=text, raw=raw)
 
 
 def _as_written(raw, k, base) -> str:
