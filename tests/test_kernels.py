@@ -61,6 +61,49 @@ def test_large_tensor_stays_slerp_in_float64_accuracy():
     assert_close_to_ref(out, ref, a, b, "[14336, 4096]")
 
 
+@pytest.fixture(params=["one_gemm", "chunk_loop"])
+def blend_path(request, monkeypatch):
+    """Run a test through both pass-2 paths for whole-tensor bf16: the single
+    GEMM (where this CPU has it) and the float32 chunk loop."""
+    if request.param == "chunk_loop":
+        monkeypatch.setattr(kernels, "_one_gemm_blend", lambda a2, b2: False)
+    elif not kernels._one_gemm_blend(*(torch.zeros(1, kernels.BLEND_MIN, dtype=torch.bfloat16),) * 2):
+        pytest.skip("no oneDNN bf16 GEMM on this CPU")
+    return request.param
+
+
+@pytest.mark.parametrize("shape", [(512, 4096), (65537,), (301, 1001)])  # n % 16: 0, 1, 13
+@pytest.mark.parametrize("t", [0.2, 0.5])
+def test_large_bf16_blend_matches_float64_reference(blend_path, shape, t):
+    a, b = pair(shape, noise=0.7, seed=5)
+    out = kernels.merge(a, b, t)
+    assert out.dtype == torch.bfloat16 and out.shape == a.shape
+    assert_close_to_ref(out, ref_slerp64(a, b, t), a, b, f"{blend_path} {shape} t={t}")
+    # rounded once from float32: off the correctly rounded value only at near-ties
+    ref16 = ref_slerp64(a, b, t).to(torch.bfloat16)
+    assert (out != ref16).float().mean() < 1e-3
+
+
+def test_large_bf16_blend_same_bits_with_one_and_two_threads(blend_path):
+    a, b = pair((777, 1024), noise=0.5, seed=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.merge(a, b, 0.3)
+        torch.set_num_threads(2)
+        two = kernels.merge(a, b, 0.3)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.view(torch.int16), two.view(torch.int16))
+
+
+def test_large_bf16_blend_matches_mergekit_slerp(blend_path):
+    a, b = pair((300, 1000), noise=1.0, seed=4)
+    ours = kernels.merge(a, b, 0.35)
+    theirs = merge_tensors([a.float(), b.float()], "slerp", parameters={"t": 0.35}, base_index=0)
+    assert_close_to_ref(ours, theirs.double(), a, b, blend_path)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_t_endpoints_are_bit_exact(dtype):
     a, b = pair((33, 17), dtype)

@@ -6,6 +6,8 @@ Two passes over [rows, cols] (whole tensor: one row of numel):
      accumulation over tens of millions of elements drifts enough to turn a
      slerp into a lerp; 4096-element partials stay within ~1e-7.
   2. out = ca * a + cb * b per chunk, drop applied, rounded once to the dtype.
+     Whole-tensor bf16 without drop takes one oneDNN GEMM instead
+     (`_blend_bf16`): same float32 expression, a and b read once each.
 Scratch is a few CHUNK-sized buffers (one chunk of drop mask included),
 whatever the tensor size.
 
@@ -63,30 +65,42 @@ def _chunks(rows: int, cols: int) -> List[Tuple[int, int, int, int]]:
 
 
 def _stats(a2, b2, rows, cols, pieces, wd):
-    """Per-row (|a|^2, |b|^2, a.b) in float64."""
-    sums = torch.zeros(3, rows, dtype=torch.float64)
-    buf = torch.empty(2, CHUNK, dtype=wd)
+    """Per-row (|a|^2, |b|^2, a.b) in float64.
+
+    Each piece yields float32 (wd) partials into one preallocated array, one
+    bmm per piece: a piece of whole rows gives one partial per row, a segment
+    of one long row one per BLOCK. The partials are summed per row in float64
+    at the end, in a fixed order."""
+    plan = []  # (piece, view shapes, first partial)
+    owners = []  # row of each partial, non-decreasing
     for r0, r1, c0, c1 in pieces:
         k, w = r1 - r0, c1 - c0
-        n = k * w
-        buf[0, :n].view(k, w).copy_(a2[r0:r1, c0:c1])
-        buf[1, :n].view(k, w).copy_(b2[r0:r1, c0:c1])
-        if k > 1 or w <= BLOCK:  # whole rows: one partial per row
-            parts = [(buf[:, :n].view(2, k, w), None)]
-        else:  # a segment of one long row: BLOCK-sized partials
-            nb = w // BLOCK
-            parts = [(buf[:, : nb * BLOCK].view(2, nb, BLOCK), 0)]
-            if w % BLOCK:
-                parts.append((buf[:, nb * BLOCK : n].view(2, 1, w - nb * BLOCK), 0))
-        for view, row in parts:
-            v = view.transpose(0, 1)  # [m, 2, L]
-            g = torch.bmm(v, v.transpose(1, 2)).to(torch.float64)  # [m, 2, 2]
-            g = torch.stack((g[:, 0, 0], g[:, 1, 1], g[:, 0, 1]))
-            if row is None:
-                sums[:, r0:r1] += g
-            else:
-                sums[:, r0] += g.sum(dim=1)
-    return sums
+        if k > 1 or w <= BLOCK:
+            views = [(0, k, w)]
+            owners.extend(range(r0, r1))
+        else:
+            nb, rest = divmod(w, BLOCK)
+            views = [(0, nb, BLOCK)] + ([(nb * BLOCK, 1, rest)] if rest else [])
+            owners.extend([r0] * (nb + (rest > 0)))
+        plan.append((r0, r1, c0, c1, views))
+    grams = torch.empty(len(owners), 2, 2, dtype=wd)
+    buf = torch.empty(2, CHUNK, dtype=wd)
+    if not owners:  # an empty tensor
+        return torch.zeros(3, rows, dtype=torch.float64)
+    at = 0
+    for r0, r1, c0, c1, views in plan:
+        k, w = r1 - r0, c1 - c0
+        buf[0, : k * w].view(k, w).copy_(a2[r0:r1, c0:c1])
+        buf[1, : k * w].view(k, w).copy_(b2[r0:r1, c0:c1])
+        for off, m, length in views:
+            v = buf[:, off : off + m * length].view(2, m, length).transpose(0, 1)  # [m, 2, L]
+            torch.bmm(v, v.transpose(1, 2), out=grams[at : at + m])
+            at += m
+    g = grams.numpy().astype(np.float64)
+    parts = np.stack((g[:, 0, 0], g[:, 1, 1], g[:, 0, 1]))
+    owner = np.asarray(owners)
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    return torch.from_numpy(np.add.reduceat(parts, starts, axis=1))
 
 
 def _coefficients(sums: torch.Tensor, t: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +150,44 @@ class _MaskBatches:
 
     def close(self):
         self.pool.shutdown(wait=True)
+
+
+BLEND_MIN = 1 << 16  # below this the fp32 chunk loop is as fast
+_EYE = 16  # the blend's GEMM width: out[:, j] = beta * a[:, j] + alpha * (b @ I)[:, j]
+
+
+def _one_gemm_blend(a2: torch.Tensor, b2: torch.Tensor) -> bool:
+    """Whole-tensor bf16 on a CPU where oneDNN runs bf16 GEMMs (AVX-512):
+    there `addmm_` computes beta * out + alpha * (b @ I) in float32 and rounds
+    once, reading a and b once each, which no float32 chunk loop matches
+    (two conversions, two blends and a cast per chunk). Elsewhere torch's
+    generic bf16 GEMM is exact but slow, so the chunk loop runs instead."""
+    return (
+        a2.dtype == torch.bfloat16
+        and a2.shape[0] == 1
+        and a2.numel() >= BLEND_MIN
+        and a2.is_contiguous()
+        and b2.is_contiguous()
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    )
+
+
+def _blend_bf16(a2: torch.Tensor, b2: torch.Tensor, ca: float, cb: float) -> torch.Tensor:
+    """ca * a + cb * b in float32, rounded once to bf16. b @ I is exact (one
+    product by 1, the rest exact zeros), so each element is one float32
+    expression whatever the GEMM's blocking or thread count."""
+    n = a2.numel()
+    body = n - n % _EYE
+    out = torch.empty_like(a2).view(-1)
+    out.copy_(a2.view(-1))
+    eye = torch.eye(_EYE, dtype=torch.bfloat16)
+    out[:body].view(-1, _EYE).addmm_(b2.view(-1)[:body].view(-1, _EYE), eye, beta=ca, alpha=cb)
+    if body < n:  # the last n % 16 elements
+        tail = slice(body, n)
+        out[tail] = (ca * a2.view(-1)[tail].float() + cb * b2.view(-1)[tail].float()).to(torch.bfloat16)
+    return out
 
 
 def check_finite(x: torch.Tensor) -> bool:
@@ -204,6 +256,8 @@ def _merge(a, a2, b2, t, rows, cols, pieces, masks, wd, drop_rate, rescale):
             # finite but huge (squares overflow float32): redo in float64
             sums = _stats(a2, b2, rows, cols, pieces, torch.float64)
         ca, cb = _coefficients(sums, t)
+    if drop_rate == 0 and t != 1 and _one_gemm_blend(a2, b2):
+        return _blend_bf16(a2, b2, float(ca[0]), float(cb[0])).view(a.shape)
     ca, cb = ca.to(wd), cb.to(wd)
     ca1, cb1 = float(ca[0]), float(cb[0])  # rows == 1: scalar ops are faster
 
