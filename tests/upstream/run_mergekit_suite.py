@@ -28,7 +28,6 @@ Stdlib only; needs pip and pytest in the running interpreter's environment.
 import argparse
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 import sys
