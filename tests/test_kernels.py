@@ -186,3 +186,12 @@ def test_non_finite_inputs_are_refused(which, t):
     with pytest.raises(kernels.NonFiniteError) as info:
         kernels.merge(a, b, t)
     assert info.value.which == which
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (5, 0)])
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_empty_tensors_merge_to_empty(shape, rowwise):
+    a = torch.zeros(shape, dtype=torch.bfloat16)
+    for p in (0.0, 0.5):
+        out = kernels.merge(a, a, 0.5, rowwise=rowwise, drop_rate=p, mask=mask_for("w", 0, p))
+        assert out.shape == a.shape and out.dtype == a.dtype

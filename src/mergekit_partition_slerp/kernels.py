@@ -71,7 +71,9 @@ def _stats(a2, b2, rows, cols, pieces, wd):
     bmm per piece: a piece of whole rows gives one partial per row, a segment
     of one long row one per BLOCK. The partials are summed per row in float64
     at the end, in a fixed order."""
-    plan = []  # (piece, view shapes, first partial)
+    if not pieces:  # an empty tensor
+        return torch.zeros(3, rows, dtype=torch.float64)
+    plan = []  # (piece, [(offset in the piece, partials, elements per partial)])
     owners = []  # row of each partial, non-decreasing
     for r0, r1, c0, c1 in pieces:
         k, w = r1 - r0, c1 - c0
@@ -85,8 +87,6 @@ def _stats(a2, b2, rows, cols, pieces, wd):
         plan.append((r0, r1, c0, c1, views))
     grams = torch.empty(len(owners), 2, 2, dtype=wd)
     buf = torch.empty(2, CHUNK, dtype=wd)
-    if not owners:  # an empty tensor
-        return torch.zeros(3, rows, dtype=torch.float64)
     at = 0
     for r0, r1, c0, c1, views in plan:
         k, w = r1 - r0, c1 - c0
