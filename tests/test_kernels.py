@@ -104,6 +104,20 @@ def test_large_bf16_blend_matches_mergekit_slerp(blend_path):
     assert_close_to_ref(ours, theirs.double(), a, b, blend_path)
 
 
+@pytest.mark.parametrize("rescale", [False, True])
+def test_large_bf16_drop_matches_float64_reference(blend_path, rescale):
+    name, seed, p, t = "model.layers.3.self_attn.k_proj.weight", 11, 0.35, 0.45
+    a, b = pair((300, 1001), noise=0.8, seed=6)  # n % 16 = 12: the GEMM tail too
+    out = kernels.merge(a, b, t, drop_rate=p, rescale=rescale, mask=mask_for(name, seed, p))
+    keep = torch.from_numpy(ref_keep(name, seed, p, a.numel())).view(a.shape)
+    assert torch.equal(out[~keep].view(torch.int16), a[~keep].view(torch.int16))  # dropped: the base's bits
+    m = ref_slerp64(a, b, t)
+    ref = a.double() + (m - a.double()) / (1 - p) if rescale else m
+    assert_close_to_ref(out[keep], ref[keep], a[keep], b[keep], f"{blend_path} rescale={rescale}")
+    if not rescale:  # kept: exactly the undropped merge
+        assert torch.equal(out[keep], kernels.merge(a, b, t)[keep])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_t_endpoints_are_bit_exact(dtype):
     a, b = pair((33, 17), dtype)
