@@ -209,3 +209,20 @@ def test_empty_tensors_merge_to_empty(shape, rowwise):
     for p in (0.0, 0.5):
         out = kernels.merge(a, a, 0.5, rowwise=rowwise, drop_rate=p, mask=mask_for("w", 0, p))
         assert out.shape == a.shape and out.dtype == a.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float32_matmul_precision_knob_changes_no_bits(dtype):
+    # torch.set_float32_matmul_precision("medium") makes oneDNN run float32
+    # matmuls in bf16 on CPU; the norms must not notice.
+    a, b = pair((1500, 1000), dtype, noise=0.4, seed=8)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        exact = kernels.merge(a, b, 0.4)
+        torch.set_float32_matmul_precision("medium")
+        reduced = kernels.merge(a, b, 0.4)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(exact, reduced)
+    assert torch.backends.mkldnn.enabled

@@ -21,6 +21,7 @@ the thread count (tests/test_kernels.py checks 1 vs 2 threads).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -65,6 +66,20 @@ def _chunks(rows: int, cols: int) -> List[Tuple[int, int, int, int]]:
     return [(r, r + 1, c, min(c + CHUNK, cols)) for r in range(rows) for c in range(0, cols, CHUNK)]
 
 
+@contextmanager
+def _ieee_matmul() -> Iterator[None]:
+    """float32 bmm at full precision. With torch.set_float32_matmul_precision
+    ("medium") -- common in GPU scripts -- or mkldnn's fp32_precision "bf16",
+    oneDNN runs float32 matmuls in bf16 and the norms of float32/float16
+    weights drift by ~1e-5; MKL's sgemm ignores both knobs."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 def _stats(a2, b2, rows, cols, pieces, wd):
     """Per-row (|a|^2, |b|^2, a.b) in float64.
 
@@ -89,14 +104,15 @@ def _stats(a2, b2, rows, cols, pieces, wd):
     grams = torch.empty(len(owners), 2, 2, dtype=wd)
     buf = torch.empty(2, CHUNK, dtype=wd)
     at = 0
-    for r0, r1, c0, c1, views in plan:
-        k, w = r1 - r0, c1 - c0
-        buf[0, : k * w].view(k, w).copy_(a2[r0:r1, c0:c1])
-        buf[1, : k * w].view(k, w).copy_(b2[r0:r1, c0:c1])
-        for off, m, length in views:
-            v = buf[:, off : off + m * length].view(2, m, length).transpose(0, 1)  # [m, 2, L]
-            torch.bmm(v, v.transpose(1, 2), out=grams[at : at + m])
-            at += m
+    with _ieee_matmul():
+        for r0, r1, c0, c1, views in plan:
+            k, w = r1 - r0, c1 - c0
+            buf[0, : k * w].view(k, w).copy_(a2[r0:r1, c0:c1])
+            buf[1, : k * w].view(k, w).copy_(b2[r0:r1, c0:c1])
+            for off, m, length in views:
+                v = buf[:, off : off + m * length].view(2, m, length).transpose(0, 1)  # [m, 2, L]
+                torch.bmm(v, v.transpose(1, 2), out=grams[at : at + m])
+                at += m
     g = grams.numpy().astype(np.float64)
     parts = np.stack((g[:, 0, 0], g[:, 1, 1], g[:, 0, 1]))
     owner = np.asarray(owners)
@@ -231,6 +247,7 @@ def merge(
     pieces = _chunks(rows, cols)
     if drop_rate > 0 and mask is None:
         raise ValueError("drop_rate > 0 needs a mask source")
+    one_gemm = t != 1 and _one_gemm_blend(a2, b2)
     if t == 1:
         ca = torch.zeros(rows, dtype=torch.float64)
         cb = torch.ones(rows, dtype=torch.float64)
@@ -246,7 +263,7 @@ def merge(
             # finite but huge (squares overflow float32): redo in float64
             sums = _stats(a2, b2, rows, cols, pieces, torch.float64)
         ca, cb = _coefficients(sums, t)
-    if t != 1 and _one_gemm_blend(a2, b2):
+    if one_gemm:
         ca1, cb1 = float(ca[0]), float(cb[0])
         if drop_rate > 0 and rescale and drop_rate < 1:
             # a + (m - a) / (1 - p) with m = ca a + cb b is again a blend of a and b
