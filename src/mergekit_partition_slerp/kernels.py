@@ -180,7 +180,8 @@ def _one_gemm_blend(a2: torch.Tensor, b2: torch.Tensor) -> bool:
     (two conversions, two blends and a cast per chunk). Elsewhere torch's
     generic bf16 GEMM is exact but slow, so the chunk loop runs instead."""
     return (
-        a2.dtype == torch.bfloat16
+        a2.device.type == b2.device.type == "cpu"
+        and a2.dtype == torch.bfloat16
         and a2.shape[0] == 1
         and a2.numel() >= BLEND_MIN
         and a2.is_contiguous()
