@@ -4,7 +4,7 @@ import torch
 from mergekit.merge_methods import merge_tensors
 from mergekit.merge_methods.slerp import slerp as mk_slerp_kernel
 from mergekit_partition_slerp import kernels, partition
-from conftest import assert_close_to_ref, ref_keep, ref_slerp64
+from conftest import assert_close_to_ref, bf16_ulp, ref_keep, ref_slerp64
 
 
 def pair(shape, dtype=torch.bfloat16, noise=0.3, seed=0):
@@ -226,3 +226,16 @@ def test_float32_matmul_precision_knob_changes_no_bits(dtype):
         torch.set_float32_matmul_precision(before)
     assert torch.equal(exact, reduced)
     assert torch.backends.mkldnn.enabled
+
+
+def test_bf16_subnormals_stay_within_the_smallest_normal(blend_path):
+    # The GEMM path's bf16 dot products flush subnormals (README, Limits);
+    # the error stays below the smallest normal bf16 and normal values are exact.
+    a, b = pair((256, 1024), noise=0.6, seed=9)
+    a.view(-1)[1::3], b.view(-1)[2::5] = 3e-39, -5e-39
+    out = kernels.merge(a, b, 0.3)
+    ref = ref_slerp64(a, b, 0.3)
+    tiny = torch.finfo(torch.bfloat16).tiny
+    assert ((out.double() - ref).abs() <= torch.maximum(bf16_ulp(ref), torch.full_like(ref, tiny))).all()
+    normal = (a.abs() >= tiny) & (b.abs() >= tiny)
+    assert_close_to_ref(out[normal], ref[normal], a[normal], b[normal], blend_path)

@@ -233,8 +233,8 @@ def merge(
 ) -> torch.Tensor:
     """slerp(t, a, b), then dropped elements back to `a` (DESIGN §3.5).
 
-    `mask(sizes)` yields the keep mask in consecutive chunks of those sizes;
-    required when drop_rate > 0. Inputs are never modified. Raises
+    `mask(start, size)` returns elements [start, start + size) of the keep
+    mask (row-major); required when drop_rate > 0. Inputs are never modified. Raises
     NonFiniteError when an input the result depends on holds NaN or Inf.
     """
     if t == 0 or (t == 1 and drop_rate == 0):
