@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 
@@ -239,3 +241,54 @@ def test_bf16_subnormals_stay_within_the_smallest_normal(blend_path):
     assert ((out.double() - ref).abs() <= torch.maximum(bf16_ulp(ref), torch.full_like(ref, tiny))).all()
     normal = (a.abs() >= tiny) & (b.abs() >= tiny)
     assert_close_to_ref(out[normal], ref[normal], a[normal], b[normal], blend_path)
+
+
+def test_concurrent_merges_under_a_precision_knob_keep_their_bits_and_the_flag():
+    # With "medium" set, pass 1 switches oneDNN off for a moment; merges on
+    # other threads must neither see that switch nor leave it switched.
+    jobs = [pair((1 << 17,), noise=0.8, seed=1), pair((1 << 17,), torch.float32, noise=0.8, seed=2)]
+    before = torch.get_float32_matmul_precision()
+    results = {}
+
+    def work(i):
+        x, y = jobs[i % 2]
+        results[i] = [kernels.merge(x, y, 0.3) for _ in range(8)]
+
+    try:
+        torch.set_float32_matmul_precision("medium")
+        want = [kernels.merge(x, y, 0.3) for x, y in jobs]
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.backends.mkldnn.enabled
+    bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
+    for i, outs in results.items():
+        ref = want[i % 2]
+        for out in outs:
+            assert torch.equal(out.view(bits[out.dtype]), ref.view(bits[ref.dtype]))
+
+
+def test_rowwise_long_rows_sum_in_block_partials():
+    # several rows of 2^20 elements share a piece; one float32 partial per row
+    # drifts by ~5e-6 in cos, enough to flip slerp to lerp near 0.9995
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 1 << 20, generator=g)
+    b = a + 0.0316 * torch.randn(2, 1 << 20, generator=g)
+    rows, cols = kernels._layout(a, True)
+    s = kernels._stats(a, b, rows, cols, kernels._chunks(rows, cols), torch.float32)
+    a64, b64 = a.double(), b.double()
+    ref = torch.stack([(a64 * a64).sum(1), (b64 * b64).sum(1), (a64 * b64).sum(1)])
+    assert ((s - ref).abs() / ref.abs()).max() < 1e-7
+
+
+def test_rescale_with_huge_weights_stays_finite(blend_path):
+    # a + (m - a) / (1 - p) is 1e38 here; folding the rescale into the blend's
+    # coefficients would overflow float32
+    name, p = "model.layers.0.mlp.up_proj.weight", 0.9
+    a = torch.full((1 << 16,), 1e38, dtype=torch.bfloat16)
+    out = kernels.merge(a, a.clone(), 0.5, drop_rate=p, rescale=True, mask=mask_for(name, 0, p))
+    assert torch.equal(out, a)

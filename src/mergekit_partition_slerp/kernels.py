@@ -7,8 +7,8 @@ Two passes over [rows, cols] (whole tensor: one row of numel):
      slerp into a lerp; 4096-element partials stay within ~1e-7.
   2. out = ca * a + cb * b per chunk, drop applied, rounded once to the dtype.
      Whole-tensor bf16 takes one oneDNN GEMM instead (`_blend_bf16`): the
-     same float32 expression, a and b read once each; drop then puts the
-     dropped elements back from a (`_restore_dropped`).
+     same float32 expression, a and b read once each; drop (without
+     rescale) then puts the dropped elements back from a (`_restore_dropped`).
 Scratch is a few CHUNK-sized buffers (one chunk of drop mask included),
 whatever the tensor size.
 
@@ -20,8 +20,9 @@ the thread count (tests/test_kernels.py checks 1 vs 2 threads).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -66,56 +67,85 @@ def _chunks(rows: int, cols: int) -> List[Tuple[int, int, int, int]]:
     return [(r, r + 1, c, min(c + CHUNK, cols)) for r in range(rows) for c in range(0, cols, CHUNK)]
 
 
-@contextmanager
-def _ieee_matmul() -> Iterator[None]:
-    """float32 bmm at full precision. With torch.set_float32_matmul_precision
-    ("medium") -- common in GPU scripts -- or mkldnn's fp32_precision "bf16",
-    oneDNN runs float32 matmuls in bf16 and the norms of float32/float16
-    weights drift by ~1e-5; MKL's sgemm ignores both knobs."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+# oneDNN's global on/off flag, which _ieee_matmul may switch off while a
+# reduced-precision knob is set; every read or switch goes through this lock
+# so that concurrent merges never see each other's switch.
+_ONEDNN_FLAG = threading.RLock()
+
+
+def _reduced_fp32_matmul() -> bool:
+    """Whether oneDNN may run float32 matmuls in lower precision: set by
+    torch.set_float32_matmul_precision("high"/"medium") -- common in GPU
+    scripts -- or the fp32_precision properties (matmul > mkldnn > global)."""
     try:
+        for level in (torch.backends.mkldnn.matmul, torch.backends.mkldnn, torch.backends):
+            value = getattr(level, "fp32_precision", "none")
+            if value != "none":
+                return value != "ieee"
+        return False
+    except Exception:  # an API we do not know: assume the worst
+        return True
+
+
+@contextlib.contextmanager
+def _ieee_matmul() -> Iterator[None]:
+    """float32 bmm at full precision. With a reduced-precision knob set,
+    oneDNN runs float32 matmuls in bf16 and the norms of float32/float16
+    weights drift by ~1e-5 (and every output's bits follow the knob); MKL's
+    sgemm, used while oneDNN is off, ignores the knob."""
+    if not _reduced_fp32_matmul():
         yield
-    finally:
-        torch.backends.mkldnn.enabled = before
+        return
+    with _ONEDNN_FLAG:
+        before = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.enabled = before
+
+
+def _onednn_enabled() -> bool:
+    with _ONEDNN_FLAG:
+        return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
 def _stats(a2, b2, rows, cols, pieces, wd):
     """Per-row (|a|^2, |b|^2, a.b) in float64.
 
-    Each piece yields float32 (wd) partials into one preallocated array, one
-    bmm per piece: a piece of whole rows gives one partial per row, a segment
-    of one long row one per BLOCK. The partials are summed per row in float64
-    at the end, in a fixed order."""
+    float32 (wd) partials go into one array, one bmm per piece: a row of at
+    most BLOCK elements is one partial; longer rows are laid out zero-padded
+    to whole BLOCKs (zeros add exactly nothing), one partial per BLOCK. The
+    partials are summed per row in float64 at the end, in a fixed order."""
     if not pieces:  # an empty tensor
         return torch.zeros(3, rows, dtype=torch.float64)
-    plan = []  # (piece, [(offset in the piece, partials, elements per partial)])
-    owners = []  # row of each partial, non-decreasing
+    plan = []  # (r0, r1, c0, c1, row stride in buf); each a few rows or one row's segment
+    owners = []  # rows of the partials, non-decreasing
     for r0, r1, c0, c1 in pieces:
-        k, w = r1 - r0, c1 - c0
-        if k > 1 or w <= BLOCK:
-            views = [(0, k, w)]
-            owners.extend(range(r0, r1))
-        else:
-            nb, rest = divmod(w, BLOCK)
-            views = [(0, nb, BLOCK)] + ([(nb * BLOCK, 1, rest)] if rest else [])
-            owners.extend([r0] * (nb + (rest > 0)))
-        plan.append((r0, r1, c0, c1, views))
-    grams = torch.empty(len(owners), 2, 2, dtype=wd)
+        w = c1 - c0
+        stride = w if w <= BLOCK else -(-w // BLOCK) * BLOCK
+        per = CHUNK // stride
+        for q0 in range(r0, r1, per):
+            q1 = min(q0 + per, r1)
+            plan.append((q0, q1, c0, c1, stride))
+            owners.append(np.repeat(np.arange(q0, q1), stride // min(w, BLOCK)))
+    owner = np.concatenate(owners)
+    grams = torch.empty(len(owner), 2, 2, dtype=wd)
     buf = torch.empty(2, CHUNK, dtype=wd)
     at = 0
     with _ieee_matmul():
-        for r0, r1, c0, c1, views in plan:
+        for r0, r1, c0, c1, stride in plan:
             k, w = r1 - r0, c1 - c0
-            buf[0, : k * w].view(k, w).copy_(a2[r0:r1, c0:c1])
-            buf[1, : k * w].view(k, w).copy_(b2[r0:r1, c0:c1])
-            for off, m, length in views:
-                v = buf[:, off : off + m * length].view(2, m, length).transpose(0, 1)  # [m, 2, L]
-                torch.bmm(v, v.transpose(1, 2), out=grams[at : at + m])
-                at += m
+            rows_ = buf[:, : k * stride].view(2, k, stride)
+            rows_[0, :, :w].copy_(a2[r0:r1, c0:c1])
+            rows_[1, :, :w].copy_(b2[r0:r1, c0:c1])
+            rows_[:, :, w:].zero_()
+            m = k * stride // min(w, BLOCK)
+            v = rows_.view(2, m, -1).transpose(0, 1)  # [m, 2, L]
+            torch.bmm(v, v.transpose(1, 2), out=grams[at : at + m])
+            at += m
     g = grams.numpy().astype(np.float64)
     parts = np.stack((g[:, 0, 0], g[:, 1, 1], g[:, 0, 1]))
-    owner = np.asarray(owners)
     starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
     return torch.from_numpy(np.add.reduceat(parts, starts, axis=1))
 
@@ -181,13 +211,12 @@ def _one_gemm_blend(a2: torch.Tensor, b2: torch.Tensor) -> bool:
     generic bf16 GEMM is exact but slow, so the chunk loop runs instead."""
     return (
         a2.device.type == b2.device.type == "cpu"
-        and a2.dtype == torch.bfloat16
+        and a2.dtype == b2.dtype == torch.bfloat16
         and a2.shape[0] == 1
         and a2.numel() >= BLEND_MIN
         and a2.is_contiguous()
         and b2.is_contiguous()
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
+        and _onednn_enabled()
         and torch.backends.cpu.get_cpu_capability() == "AVX512"
     )
 
@@ -201,7 +230,10 @@ def _blend_bf16(a2: torch.Tensor, b2: torch.Tensor, ca: float, cb: float) -> tor
     out = torch.empty_like(a2).view(-1)
     out.copy_(a2.view(-1))
     eye = torch.eye(_EYE, dtype=torch.bfloat16)
-    out[:body].view(-1, _EYE).addmm_(b2.view(-1)[:body].view(-1, _EYE), eye, beta=ca, alpha=cb)
+    # with a precision knob set, another thread's pass 1 may switch oneDNN
+    # off; the lock keeps this GEMM on oneDNN (the path _one_gemm_blend chose)
+    with _ONEDNN_FLAG if _reduced_fp32_matmul() else contextlib.nullcontext():
+        out[:body].view(-1, _EYE).addmm_(b2.view(-1)[:body].view(-1, _EYE), eye, beta=ca, alpha=cb)
     if body < n:  # the last n % 16 elements
         tail = slice(body, n)
         out[tail] = (ca * a2.view(-1)[tail].float() + cb * b2.view(-1)[tail].float()).to(torch.bfloat16)
@@ -248,7 +280,9 @@ def merge(
     pieces = _chunks(rows, cols)
     if drop_rate > 0 and mask is None:
         raise ValueError("drop_rate > 0 needs a mask source")
-    one_gemm = t != 1 and _one_gemm_blend(a2, b2)
+    # rescale stays in the chunk loop: folded into the blend's coefficients it
+    # overflows float32 for large weights at high drop rates
+    one_gemm = t != 1 and not (drop_rate > 0 and rescale) and _one_gemm_blend(a2, b2)
     if t == 1:
         ca = torch.zeros(rows, dtype=torch.float64)
         cb = torch.ones(rows, dtype=torch.float64)
@@ -265,11 +299,7 @@ def merge(
             sums = _stats(a2, b2, rows, cols, pieces, torch.float64)
         ca, cb = _coefficients(sums, t)
     if one_gemm:
-        ca1, cb1 = float(ca[0]), float(cb[0])
-        if drop_rate > 0 and rescale and drop_rate < 1:
-            # a + (m - a) / (1 - p) with m = ca a + cb b is again a blend of a and b
-            ca1, cb1 = 1 + (ca1 - 1) / (1 - drop_rate), cb1 / (1 - drop_rate)
-        out = _blend_bf16(a2, b2, ca1, cb1)
+        out = _blend_bf16(a2, b2, float(ca[0]), float(cb[0]))
         if drop_rate > 0:
             _restore_dropped(out, a2.view(-1), mask)
         return out.view(a.shape)
