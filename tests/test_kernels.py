@@ -292,3 +292,31 @@ def test_rescale_with_huge_weights_stays_finite(blend_path):
     a = torch.full((1 << 16,), 1e38, dtype=torch.bfloat16)
     out = kernels.merge(a, a.clone(), 0.5, drop_rate=p, rescale=True, mask=mask_for(name, 0, p))
     assert torch.equal(out, a)
+
+
+def test_output_memory_is_reused_only_once_nothing_holds_it():
+    a, b = pair((512, 1024), noise=0.5, seed=12)
+    first = kernels.merge(a, b, 0.3)
+    want = first.clone()
+    second = kernels.merge(a, b, 0.7)  # `first` is alive: fresh memory
+    assert second.data_ptr() != first.data_ptr() and torch.equal(first, want)
+    row = first[3]  # a view keeps the memory too
+    ptr = first.data_ptr()
+    del first
+    third = kernels.merge(a, b, 0.5)
+    assert third.data_ptr() != ptr and torch.equal(row, want[3])
+    released = {ptr, third.data_ptr()}
+    del row, third
+    fourth = kernels.merge(a, b, 0.3)  # nothing holds them now: one is reused
+    assert fourth.data_ptr() in released and torch.equal(fourth, want)
+
+
+def test_output_pool_keeps_little_idle_memory():
+    pool = kernels._OutputPool()
+    pool.IDLE_BYTES = 1 << 20
+    outs = [pool.empty((300, 1000), torch.bfloat16) for _ in range(6)]  # 600 KB each
+    big = pool.empty((2 << 20,), torch.bfloat16)  # 4 MiB, over the cap alone
+    del outs
+    assert sum(buf.numel() for buf in pool.idle) <= 1 << 20
+    del big  # the latest released buffer is always kept
+    assert [buf.numel() for buf in pool.idle] == [4 << 20]
