@@ -117,6 +117,21 @@ def test_startup_imports_neither_torch_nor_mergekit():
     assert proc.stdout.split() == ["False", "True"], proc.stderr
 
 
+def test_in_memory_merge_imports_no_peft_or_transformers():
+    # mergekit.common imports peft and transformers (2-3 s); mergekit's own
+    # merge_tensors does not need it, and neither may the first tensor we merge
+    code = (
+        "import sys, torch\n"
+        "from mergekit.merge_methods import merge_tensors\n"
+        "a = torch.randn(64, 64).bfloat16()\n"
+        "merge_tensors([a, a + 1], 'partition_slerp', parameters={'t': 0.5, 'num_layers': 2},"
+        " base_index=0, name='model.layers.1.mlp.up_proj.weight')\n"
+        "print([m for m in ('mergekit.common', 'peft', 'transformers') if m in sys.modules])\n"
+    )
+    proc = run_py(code)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
 def test_import_package_registers_and_twice_is_harmless():
     code = (
         "import mergekit.merge_methods as mm, importlib\n"

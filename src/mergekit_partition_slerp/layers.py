@@ -8,6 +8,7 @@ and the caller says how many layers there are.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
@@ -72,9 +73,11 @@ def _architecture_layers(base) -> Tuple[Dict[str, int], int]:
 
 def locate(name: Optional[str], base_id, num_layers: Optional[int]) -> Optional[LayerInfo]:
     """The layer of output tensor `name`, or None for a non-layer tensor."""
-    from mergekit.common import ModelReference
-
-    if isinstance(base_id, ModelReference):
+    # Only look for ModelReference where one can exist: importing
+    # mergekit.common pulls in peft and transformers (~2-3 s), which an
+    # in-memory merge_tensors call must not pay on its first tensor.
+    common = sys.modules.get("mergekit.common")
+    if common is not None and isinstance(base_id, common.ModelReference):
         names, count = _architecture_layers(base_id)
         if num_layers is not None and num_layers != count:
             raise LayerError(
