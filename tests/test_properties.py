@@ -11,7 +11,9 @@ from mergekit_partition_slerp import kernels, partition
 from conftest import assert_close_to_ref, ref_keep, ref_slerp64
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same 200 examples every run, so CI cannot fail on a draw a
+# developer never saw; a failure prints its example
+SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 shapes = st.one_of(
     st.just(()),
@@ -62,8 +64,10 @@ def test_matches_float64_reference_and_stays_finite(ab, t, rowwise):
     if a.dtype == torch.bfloat16:
         assert_close_to_ref(out, ref, a, b)
     else:
-        eps = torch.finfo(a.dtype).eps
-        tol = 2 * eps * ref.abs() + 1e-6 * (a.double().abs() + b.double().abs()) + 1e-30
+        info = torch.finfo(a.dtype)
+        # + one ulp at the bottom of the range: a correctly rounded float16
+        # subnormal is off by up to half of it whatever its relative error
+        tol = 2 * info.eps * ref.abs() + 1e-6 * (a.double().abs() + b.double().abs()) + info.tiny * info.eps
         assert ((out.double() - ref).abs() <= tol).all()
 
 
