@@ -228,8 +228,9 @@ class _OutputPool:
             return torch.empty(shape, dtype=dtype)
         with self.lock:
             self._file_returned()
-            sizes = [buf.numel() for buf in self.idle]
-            buf = self.idle.pop(sizes.index(nbytes)) if nbytes in sizes else None
+            # the most recently released match: likeliest still in cache
+            match = [i for i, buf in enumerate(self.idle) if buf.numel() == nbytes]
+            buf = self.idle.pop(match[-1]) if match else None
         self._tidy()
         if buf is None:
             buf = torch.empty(nbytes, dtype=torch.uint8)
