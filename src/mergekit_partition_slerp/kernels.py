@@ -10,12 +10,14 @@ Two passes over [rows, cols] (whole tensor: one row of numel):
      same float32 expression, a and b read once each; drop (without
      rescale) then puts the dropped elements back from a (`_restore_dropped`).
 Scratch is a few CHUNK-sized buffers (one chunk of drop mask included),
-whatever the tensor size.
+whatever the tensor size. Outputs come from `_OutputPool`, which reuses the
+memory of outputs nobody holds any more (no first-touch page faults).
 
 Determinism: pass 1 is one batched matmul per chunk; bmm splits the batch
 across threads, never a single [2, L] x [L, 2] product, and the partials are
-added in a fixed order. Pass 2 is elementwise. So the bits do not depend on
-the thread count (tests/test_kernels.py checks 1 vs 2 threads).
+added in a fixed order. Pass 2 is elementwise, or the GEMM against an
+identity, which is exact per element. So the bits do not depend on the
+thread count (tests/test_kernels.py checks 1 vs 2 threads, on both paths).
 """
 
 from __future__ import annotations
