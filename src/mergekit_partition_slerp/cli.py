@@ -1,79 +1,119 @@
-"""mergekit-partition: plan, compile, run and demo for partition_slerp recipes."""
+"""mergekit-partition: plan, compile, run and demo for partition_slerp recipes.
+
+This file only parses arguments and prints; the work happens in planning, runner and
+demo, imported inside each command so that `--help` answers without loading mergekit.
+"""
 
 from __future__ import annotations
 
-import json
+import functools
 import os
-import shutil
 import sys
-import tempfile
-import time
+from typing import Any, Callable, List
 
 import click
 
 from mergekit_partition_slerp import __version__
+from mergekit_partition_slerp.errors import ConfigError, MergeError
+
+EXIT_STATUS = """\b
+Exit status: 0 on success; 2 for a usage or input error (bad recipe, unsafe
+output path; nothing is written); 1 when the merge fails after it started."""
 
 
-def _fail(message: str, code: int = 2):
+def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Every failure as one `error:` paragraph with its exit status, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, MergeError) as error:
+            _fail(str(error), error.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written to the output.", 130)
+        except OSError as error:  # a file we were asked to write: missing folder, no permission, disk full
+            target = f" {error.filename}" if error.filename else ""
+            _fail(f"cannot write{target}: {error.strerror or error}.", 2)
+        except Exception as error:
+            if os.environ.get("MERGEKIT_PARTITION_DEBUG"):
+                raise
+            first = (str(error).strip().splitlines() or [""])[0]
+            _fail(
+                f"unexpected {type(error).__name__}: {first} (set MERGEKIT_PARTITION_DEBUG=1 for the traceback, "
+                "and please report it).",
+                1,
+            )
+
+    return wrapper
+
+
+def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
-def _plan_or_exit(config: str, allow_pickle: bool = False):
-    from mergekit_partition_slerp.planning import ConfigError, build_plan
+def _plan(config: str, allow_pickle: bool):
+    from mergekit_partition_slerp.planning import build_plan
+    from mergekit_partition_slerp.runner import check_pickle
 
-    try:
-        p = build_plan(config)
-    except ConfigError as error:
-        _fail(str(error))
-    _check_pickle(p, allow_pickle)
+    p = build_plan(config)
+    for warning in check_pickle(p, allow_pickle):
+        click.echo(f"warning: {warning}", err=True)
     return p
 
 
-def _check_pickle(p, allow: bool) -> None:
-    """Pickle checkpoints can run code when loaded: opt-in, and always said."""
-    for model in dict.fromkeys([p.base] + p.donors):
-        path = model.split("@")[0]
-        if os.path.isdir(path):
-            files = os.listdir(path)
-            if not any(f.endswith(".safetensors") for f in files) and any(f.endswith((".bin", ".pt", ".pth")) for f in files):
-                if not allow:
-                    _fail(f"model {model} has only pickle weights (.bin), which can run arbitrary code when mergekit loads them. Convert it to safetensors, or pass --allow-pickle if you trust its source.")
-                click.echo(f"warning: {model} has only pickle weights (.bin); loading them can run arbitrary code.", err=True)
+def _writable_file(path: str, option: str) -> None:
+    """Say before the work starts that an output file cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{option} {path} is a directory; give a file name.")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{option} {path}: the folder {folder} does not exist.")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"{option} {path}: cannot write to {folder} (permission denied).")
 
 
-ALLOW_PICKLE = click.option("--allow-pickle", is_flag=True, help="Accept checkpoints that only have pickle (.bin) weights.")
+ALLOW_PICKLE = click.option(
+    "--allow-pickle", is_flag=True, help="Accept checkpoints that only have pickle (.bin) weights."
+)
 
 
-@click.group()
+@click.group(epilog=EXIT_STATUS)
 @click.version_option(__version__, prog_name="mergekit-partition")
-def main():
+def main() -> None:
     """Plan, compile and run partition_slerp merges (the Eleusis 9-partition recipe)."""
 
 
-@main.command("plan")
+@main.command("plan", epilog=EXIT_STATUS)
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema mergekit-partition/plan v1).")
 @click.option("--png", type=click.Path(dir_okay=False), help="Write a layer x donor heatmap of t.")
 @ALLOW_PICKLE
-def plan_cmd(config, as_json, png, allow_pickle):
+@_friendly
+def plan_cmd(config: str, as_json: bool, png: str, allow_pickle: bool) -> None:
     """Show what every layer gets, reading only the YAML and the config.json files."""
-    p = _plan_or_exit(config, allow_pickle)
+    if png:
+        _writable_file(png, "--png")
+    p = _plan(config, allow_pickle)
     click.echo(p.to_json() if as_json else str(p))
     if png:
         p.plot(png)
         click.echo(f"wrote {png}", err=True)
 
 
-@main.command("compile")
+@main.command("compile", epilog=EXIT_STATUS)
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
 @ALLOW_PICKLE
-def compile_cmd(config, output, allow_pickle):
+@_friendly
+def compile_cmd(config: str, output: str, allow_pickle: bool) -> None:
     """Emit an equivalent plain mergekit config that reads base + one donor per layer."""
     from mergekit_partition_slerp.planning import compile_config
 
-    text = compile_config(_plan_or_exit(config, allow_pickle))
+    if output:
+        _writable_file(output, "--output")
+    text = compile_config(_plan(config, allow_pickle))
     if output:
         with open(output, "w") as f:
             f.write(text)
@@ -81,161 +121,76 @@ def compile_cmd(config, output, allow_pickle):
         click.echo(text, nl=False)
 
 
-def _merge_options(f):
+def merge_options(args: List[str]):
+    """mergekit-yaml's own options, parsed by mergekit's own click declarations."""
     from mergekit.options import add_merge_options
 
-    return add_merge_options(f)
+    parsed = {}
 
+    @click.command()
+    @add_merge_options
+    def options(merge_options: Any) -> None:
+        parsed["options"] = merge_options
 
-def _check_weights(p) -> None:
-    """Every checkpoint has weight files before anything is written."""
-    from mergekit.common import ModelReference
-
-    for model in dict.fromkeys([p.base] + p.donors):
-        ref = ModelReference.model_validate(model)
-        path = ref.model.path
-        if os.path.isdir(path):
-            files = os.listdir(path)
-            if not any(f.endswith((".safetensors", ".bin", ".pt", ".pth")) for f in files):
-                _fail(f"model {model} ({path}) has a config.json but no weight files (*.safetensors or *.bin).")
-            index = os.path.join(path, "model.safetensors.index.json")
-            if os.path.exists(index):
-                try:
-                    shards = set(json.load(open(index))["weight_map"].values())
-                except Exception as error:
-                    _fail(f"model {model}: cannot read {index}: {error}.")
-                missing = sorted(s for s in shards if not os.path.exists(os.path.join(path, s)))
-                if missing:
-                    _fail(f"model {model} is missing shard file(s) {', '.join(missing)} listed in {index}.")
-            for name in sorted(f for f in files if f.endswith(".safetensors")):
-                problem = _safetensors_problem(os.path.join(path, name))
-                if problem:
-                    _fail(f"model {model}: {os.path.join(path, name)} {problem}; re-download or re-save that checkpoint.")
-
-
-def _safetensors_problem(path: str):
-    """Check the header and the file length (truncation) without reading tensors."""
-    size = os.path.getsize(path)
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > size - 8:
-                return "is truncated or not a safetensors file (header longer than the file)"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as error:
-        return f"has an unreadable header ({error})"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    if 8 + n + max(ends, default=0) > size:
-        return f"is truncated ({size} bytes, its header describes {8 + n + max(ends)})"
-    return None
+        options.main(list(args), prog_name="mergekit-partition run", standalone_mode=False)
+    except click.ClickException as error:
+        raise ConfigError(f"mergekit option: {error.format_message()} (`mergekit-yaml --help` lists them).") from None
+    if "options" not in parsed:
+        raise ConfigError("mergekit options: --help is not a merge option; see `mergekit-yaml --help`.")
+    return parsed["options"]
 
 
-def run_plan(p, out_path: str, merge_options, force: bool = False, quiet: bool = False) -> dict:
-    """Compile, merge into a temporary sibling of out_path, rename on success."""
-    import mergekit
-    import numpy
-    import torch
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.io.lazy_tensor_loader import LazyTensorLoader
-    from mergekit.merge import run_merge
-
-    from mergekit_partition_slerp.planning import compile_config
-
-    out_path = os.path.abspath(out_path)
-    if os.path.exists(out_path) and not force:
-        _fail(f"output {out_path} already exists; pass --force to replace it.")
-    compiled = compile_config(p, absolute_paths=True)
-    merge_config = MergeConfiguration.model_validate(yaml.safe_load(compiled))
-    parent = os.path.dirname(out_path)
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.partial-", dir=parent)
-
-    read = {"bytes": 0}
-    original = LazyTensorLoader.get_tensor
-
-    def counting(self, *args, **kwargs):
-        tensor = original(self, *args, **kwargs)
-        read["bytes"] += tensor.numel() * tensor.element_size()
-        return tensor
-
-    start = time.perf_counter()
-    LazyTensorLoader.get_tensor = counting
-    try:
-        run_merge(merge_config, work, options=merge_options, config_source=p.source_text)
-        record = p.to_dict()
-        record["versions"] = {
-            "mergekit-partition-slerp": __version__, "mergekit": getattr(mergekit, "__version__", _dist_version("mergekit")),
-            "torch": torch.__version__, "numpy": numpy.__version__,
-        }
-        with open(os.path.join(work, "partition.json"), "w") as f:
-            json.dump(record, f, indent=2)
-        with open(os.path.join(work, "mergekit_partition_compiled.yml"), "w") as f:
-            f.write(compiled)
-        card = os.path.join(work, "README.md")
-        if os.path.exists(card):
-            with open(card, "a") as f:
-                f.write(f"\n### Partition plan\n\nSeed {p.seed}, {p.bins} bins, reproduced by `mergekit-partition run` from `partition.json`.\n\n```\n{p}\n```\n")
-        if os.path.exists(out_path):
-            backup = out_path + f".replaced-{os.getpid()}"
-            os.replace(out_path, backup)
-            os.replace(work, out_path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(work, out_path)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    finally:
-        LazyTensorLoader.get_tensor = original
-    size = sum(os.path.getsize(os.path.join(out_path, f)) for f in os.listdir(out_path) if f.endswith((".safetensors", ".bin")))
-    summary = {"seconds": time.perf_counter() - start, "bytes_read": read["bytes"], "output_bytes": size}
-    if not quiet:
-        click.echo(f"merged {out_path} in {summary['seconds']:.1f}s: read {_human(read['bytes'])}, wrote {_human(size)} of weights")
-    return summary
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-
-
-@main.command("run", context_settings={"show_default": True})
+@main.command(
+    "run",
+    epilog=EXIT_STATUS,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path())
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing OUT_PATH that holds a previous merge (or nothing). Anything else is never replaced.",
+)
 @ALLOW_PICKLE
-@_merge_options
-def run_cmd(merge_options, config, out_path, force, allow_pickle):
-    """Validate, compile and merge atomically (same bits as mergekit-yaml CONFIG)."""
-    merge_options.apply_global_options()
-    p = _plan_or_exit(config, allow_pickle)
-    _check_weights(p)
-    try:
-        run_plan(p, out_path, merge_options, force=force)
-    except SystemExit:
-        raise
-    except Exception as error:
-        message = str(error).strip().splitlines()
-        _fail(f"the merge failed and nothing was written to {out_path}: {message[0] if message else type(error).__name__}", code=1)
+@click.argument("mergekit_options", nargs=-1, type=click.UNPROCESSED)
+@_friendly
+def run_cmd(config: str, out_path: str, force: bool, allow_pickle: bool, mergekit_options: List[str]) -> None:
+    """Validate, compile and merge atomically (same bits as mergekit-yaml CONFIG).
+
+    Every mergekit-yaml option is passed through (--cuda, --out-shard-size,
+    --copy-tokenizer, -j, ...; `mergekit-yaml --help` lists them).
+
+    \b
+    The merge is written to .OUT_PATH.partial-XXXX/ beside OUT_PATH and moved
+    into place only when complete. A partial directory left by a killed run is
+    removed by the next run to the same OUT_PATH. OUT_PATH is never the current
+    directory, and never contains (or lies inside) the recipe or an input model.
+    """
+    from mergekit_partition_slerp import runner
+
+    options = merge_options(mergekit_options)
+    options.apply_global_options()
+    p = _plan(config, allow_pickle)
+    result = runner.run(p, out_path, options, force=force)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    read = f"read {runner.human(result.bytes_read)}, " if result.bytes_read is not None else ""
+    click.echo(
+        f"merged {result.out_path} in {result.seconds:.1f}s: {read}wrote {runner.human(result.output_bytes)} of weights"
+    )
 
 
-@main.command("demo")
+@main.command("demo", epilog=EXIT_STATUS)
 @click.argument("out", type=click.Path(), default="partition-slerp-demo")
-@click.option("--force", is_flag=True, help="Replace an existing demo directory.")
-def demo_cmd(out, force):
+@click.option("--force", is_flag=True, help="Rebuild an existing demo directory (only one this command made).")
+@_friendly
+def demo_cmd(out: str, force: bool) -> None:
     """Build a tiny offline model family and run an Eleusis-shaped recipe on it."""
     from mergekit_partition_slerp.demo import run_demo
 
-    run_demo(out, force=force)
+    run_demo(out, force=force, echo=click.echo)
 
 
 if __name__ == "__main__":

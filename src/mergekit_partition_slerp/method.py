@@ -9,6 +9,7 @@ stack (embeddings, final norm, lm_head) are the base's, bit for bit.
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from typing import List, Optional, Tuple, Union
 
@@ -18,6 +19,7 @@ from typing_extensions import Annotated
 
 from mergekit.merge_methods.base import (
     BasePolicy,
+    FunctionalGroupMergeMethod,
     InputContract,
     OptionalTensorPolicy,
     PerNonBase,
@@ -26,7 +28,7 @@ from mergekit.merge_methods.base import (
 from mergekit.merge_methods.easy_define import merge_method
 
 from mergekit_partition_slerp import kernels, partition
-from mergekit_partition_slerp.layers import LayerError, locate
+from mergekit_partition_slerp.layers import LayerError, layer_from_name, locate
 
 Fraction = Annotated[float, Field(ge=0, le=1)]
 DropRate = Annotated[float, Field(ge=0, lt=1)]
@@ -58,7 +60,7 @@ def _at(value, name: str, position: float) -> float:
 @merge_method(
     name="partition_slerp",
     pretty_name="Partition SLERP",
-    reference_url="https://pypi.org/project/mergekit-partition-slerp/",  # the README, semantics included
+    reference_url="https://pypi.org/project/mergekit-partition-slerp/",  # the release page: its README holds the semantics
     optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
     contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
 )
@@ -82,23 +84,16 @@ def partition_slerp(
         _require_finite(base.tensor, base.id, name, "base")
         return base.tensor
 
+    _warn_if_stale_record()
     n_bins = len(donors) if bins is None else bins
-    if n_bins > layer.num_layers:
-        raise PartitionSlerpError(
-            f"partition_slerp (at {name}): bins is {n_bins} but {layer.stack} has only "
-            f"{layer.num_layers} layers; use at most {layer.num_layers} bins"
-        )
-    if len(donors) == 1:
-        # A compiled per-layer slice hands us only this layer's donor.
+    # a compiled per-layer slice hands us only this layer's donor: then only the layer count limits bins
+    single = len(donors) == 1
+    problem = partition.bins_problem(n_bins, layer.num_layers, [] if single else [str(d.id) for d in donors], layer.stack)
+    if problem:
+        raise PartitionSlerpError(f"partition_slerp (at {name}): {problem}")
+    if single:
         donor = donors[0]
     else:
-        if n_bins < len(donors):
-            unused = ", ".join(str(d.id) for d in donors[n_bins:])
-            raise PartitionSlerpError(
-                f"partition_slerp (at {name}): bins is {n_bins} but there are {len(donors)} donors, "
-                f"so these donors would never be used: {unused}. Set bins >= {len(donors)} "
-                "or remove them"
-            )
         donor = donors[_bins(layer.stack, layer.num_layers, n_bins, seed)[layer.index] % len(donors)]
 
     position = partition.layer_position(layer.index, layer.num_layers)
@@ -134,6 +129,81 @@ def _non_finite(model, name, role) -> PartitionSlerpError:
 def _require_finite(tensor: torch.Tensor, model, name, role) -> None:
     if tensor.is_floating_point() and not kernels.check_finite(tensor):
         raise _non_finite(model, name, role)
+
+
+class _Method(FunctionalGroupMergeMethod):
+    """The in-memory entry (merge_tensors, merge_state_dicts) sees every tensor at once:
+    there a num_layers that disagrees with the tensors is caught before anything merges."""
+
+    def __call__(self, groups, /, **kwargs):
+        groups = tuple(groups)
+        _check_num_layers(groups, (kwargs.get("parameters") or {}).get("num_layers"))
+        return super().__call__(groups, **kwargs)
+
+
+def _check_num_layers(groups, num_layers) -> None:
+    if not isinstance(num_layers, int) or len(groups) < 2:
+        return
+    common = sys.modules.get("mergekit.common")
+    if common is not None and any(isinstance(e.id, common.ModelReference) for g in groups for e in g.entries):
+        return  # mergekit's architecture info decides (layers.locate)
+    names = [g.metadata.name for g in groups]
+    found = [layer_from_name(n) for n in names]
+    stacks = {}
+    for hit in found:
+        if hit is not None:
+            stacks[hit[0]] = max(stacks.get(hit[0], -1), hit[1])
+    whole_model = any(hit is None and n for hit, n in zip(found, names))  # embeddings, norms, lm_head too
+    for stack, top in stacks.items():
+        if top >= num_layers or (whole_model and top + 1 != num_layers):
+            raise PartitionSlerpError(
+                f"partition_slerp: num_layers = {num_layers}, but the tensors given hold {top + 1} layers of "
+                f"{stack} (0 to {top}); pass num_layers={top + 1}. (A state dict holding only some layers, "
+                "with no embeddings or head, is checked only for indices below num_layers.)"
+            )
+
+
+partition_slerp = _Method(partition_slerp.spec, partition_slerp.implementation)
+
+
+def _warn_if_stale_record() -> None:
+    """Under plain mergekit-yaml, say when OUT holds a partition.json from a run of another recipe
+    (mergekit overwrites the weights and its own files, and leaves ours describing the wrong merge)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    params = getattr(ctx, "params", None) or {}
+    if ctx is not None and ctx.info_name == "mergekit-yaml" and "out_path" in params:
+        _warn_stale_once(str(params.get("config_file")), str(params["out_path"]))
+
+
+@lru_cache(maxsize=16)
+def _warn_stale_once(config_file: str, out_path: str) -> None:
+    import hashlib
+    import json
+    import os
+
+    import click
+
+    record = os.path.join(out_path, "partition.json")
+    compiled = os.path.join(out_path, "mergekit_partition_compiled.yml")
+    try:
+        with open(record) as f:
+            written = json.load(f).get("config_sha256")
+        with open(config_file, "rb") as f:
+            data = f.read()
+        same_compiled = False
+        if os.path.exists(compiled):
+            with open(compiled, "rb") as f:
+                same_compiled = f.read() == data
+    except (OSError, ValueError, AttributeError):
+        return
+    if hashlib.sha256(data).hexdigest() != written and not same_compiled:
+        click.echo(
+            f"warning: {record} and mergekit_partition_compiled.yml are left from an earlier `mergekit-partition "
+            "run` of another recipe and do not describe this merge; delete them (or merge into a new directory).",
+            err=True,
+        )
 
 
 def register() -> None:

@@ -8,7 +8,7 @@ on the hub rebuilds the same bins and masks on any machine.
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -89,3 +89,19 @@ def keep_mask_range(name: str, seed: int, p: float, start: int, size: int) -> np
 def keep_mask(name: str, seed: int, p: float, numel: int) -> np.ndarray:
     """The whole keep mask at once (tests, plots and small tensors)."""
     return keep_mask_range(name, seed, p, 0, numel)
+
+
+def bins_problem(bins: int, num_layers: int, donors: Sequence[str], stack: str = "the stack") -> Optional[str]:
+    """Why `bins` cannot work for these layers and donors, or None (DESIGN §3.3).
+
+    The one home of this rule: the planner and the method both ask it.
+    """
+    if bins > num_layers:
+        return f"bins is {bins} but {stack} has only {num_layers} layers; use at most {num_layers} bins"
+    if bins < len(donors):
+        unused = ", ".join(str(d) for d in donors[bins:])
+        return (
+            f"bins is {bins} but there are {len(donors)} donors, so these donors would never be used: {unused}. "
+            f"Set bins to at least {len(donors)} or remove them"
+        )
+    return None

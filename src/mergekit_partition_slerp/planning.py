@@ -1,45 +1,47 @@
-"""plan / compile: validate a recipe and resolve every layer, without weights.
+"""plan / compile: resolve every layer of a checked recipe, reading config.json files only.
 
-Values are resolved by mergekit's own parameter machinery (the same
-resolve_parameters call its planner makes, at the same layer positions), so
-the floats printed by `plan` and frozen by `compile` are the floats
-`mergekit-yaml` uses.
+Values are resolved by mergekit's own parameter machinery (the same resolve_parameters
+call its planner makes, at the same layer positions), so the floats `plan` prints and
+`compile` freezes are the floats `mergekit-yaml` uses.
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import socket
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
+from urllib.parse import urlparse
 
 import yaml
 
 from mergekit_partition_slerp import __version__
-from mergekit_partition_slerp.partition import layer_bins, layer_position
+from mergekit_partition_slerp import recipe as recipes
+from mergekit_partition_slerp.errors import ConfigError
+from mergekit_partition_slerp.partition import bins_problem, layer_bins, layer_position
 
-METHOD = "partition_slerp"
-PARAMETERS = ("t", "drop_rate", "rescale", "bins", "seed", "rowwise", "num_layers")
-PER_DONOR = ("t", "drop_rate")
-TOP_LEVEL = (
-    "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype",
-    "out_dtype", "tokenizer_source", "tokenizer", "chat_template",
-)
+__all__ = ["ConfigError", "LayerRow", "Plan", "build_plan", "compile_config", "plan"]
+
 SHAPE_KEYS = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
 )
 
 
-class ConfigError(ValueError):
-    """A recipe problem, explained in one paragraph."""
-
-
-def _suggest(key: str, known) -> str:
-    close = difflib.get_close_matches(key.replace("-", "_"), list(known), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
+@dataclass(frozen=True)
+class LayerRow:
+    layer: int
+    bin: int
+    donor_index: int  # position among the donors (models other than the base), config order
+    donor: str  # as written in the recipe
+    position: float  # i / (L - 1): where gradients are read
+    t: Dict[str, float]  # tensor name after "{stack}.{layer}." -> t
+    drop_rate: Dict[str, float]
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Plan:
     num_layers: int
     base: str
     donors: List[str]
-    layers: List[Dict[str, Any]]
+    layers: List[LayerRow]
     non_layer: List[str]
     config_sha256: str = ""
     source: Optional[str] = None
@@ -59,281 +61,272 @@ class Plan:
 
     def to_dict(self) -> Dict[str, Any]:
         return {
-            "schema": "mergekit-partition/plan", "version": 1,
-            "seed": self.seed, "bins": self.bins, "stack": self.stack, "num_layers": self.num_layers,
-            "base": self.base, "donors": self.donors, "layers": self.layers, "non_layer": self.non_layer,
+            "schema": recipes.PLAN_SCHEMA,
+            "version": 1,
+            "seed": self.seed,
+            "bins": self.bins,
+            "stack": self.stack,
+            "num_layers": self.num_layers,
+            "base": self.base,
+            "donors": self.donors,
+            "layers": [asdict(r) for r in self.layers],
+            "non_layer": self.non_layer,
             "config_sha256": self.config_sha256,
         }
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
-    @staticmethod
-    def tensor_class(key: str) -> str:
-        first = key.split(".")[0]
-        return "attn" if "attn" in first else "mlp" if first in ("mlp", "block_sparse_moe", "feed_forward") else "other"
-
-    def classes(self) -> List[str]:
-        present = {self.tensor_class(k) for r in self.layers[:1] for k in r["t"]}
-        return [c for c in ("attn", "mlp", "other") if c in present]
-
-    def _by_class(self, values: Dict[str, float], cls: str) -> str:
-        vals = sorted({v for k, v in values.items() if self.tensor_class(k) == cls})
-        return "/".join(f"{v:.4g}" for v in vals)
-
     def __str__(self) -> str:
-        classes = self.classes()
-        head = ["layer", "bin", "donor"] + [f"t:{c}" for c in classes] + [f"drop:{c}" for c in classes]
-        rows = [
-            [str(r["layer"]), str(r["bin"]), r["donor"]]
-            + [self._by_class(r["t"], c) for c in classes]
-            + [self._by_class(r["drop_rate"], c) for c in classes]
-            for r in self.layers
-        ]
-        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-        fmt = lambda row: "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip()
-        lines = [
-            f"partition_slerp plan: {self.num_layers} layers of {self.stack} in {self.bins} bins, seed {self.seed}",
-            f"base: {self.base}",
-            fmt(head), fmt(["-" * w for w in widths]),
-        ] + [fmt(r) for r in rows]
-        lines.append(f"base (bit for bit): {', '.join(self.non_layer)}")
-        return "\n".join(lines)
+        from mergekit_partition_slerp.report import table
+
+        return table(self)
 
     def plot(self, path: Optional[str] = None):
-        """Layer x donor heatmap of the non-attention t; × marks drop_rate > 0.
+        """The layer x donor heatmap (see report.heatmap)."""
+        from mergekit_partition_slerp.report import heatmap
 
-        With a path the figure is drawn off-screen (no pyplot, no backend
-        switch) and saved; without one it is a pyplot figure for notebooks.
-        """
-        import numpy as np
-
-        if path:
-            from matplotlib.figure import Figure
-
-            fig = Figure()
-        else:
-            import matplotlib.pyplot as plt
-
-            fig = plt.figure()
-        fig.set_size_inches(max(6, self.num_layers * 0.32 + 3), max(2.5, len(self.donors) * 0.42 + 1.4))
-        ax = fig.add_subplot()
-        grid = np.full((len(self.donors), self.num_layers), np.nan)
-        dropped = np.zeros_like(grid)
-        for r in self.layers:
-            main = [v for k, v in r["t"].items() if self.tensor_class(k) != "attn"] or list(r["t"].values())
-            grid[r["donor_index"], r["layer"]] = max(main)
-            dropped[r["donor_index"], r["layer"]] = max(r["drop_rate"].values(), default=0)
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        for d, l in zip(*np.nonzero(dropped > 0)):
-            # dark mark on the bright (yellow) end of viridis, light elsewhere
-            ax.text(l, d, "×", ha="center", va="center", color="black" if grid[d, l] > 0.6 else "white", fontsize=8)
-        labels = [os.path.basename(x.rstrip("/")) if os.path.isabs(x) or x.startswith(".") else x for x in self.donors]
-        ax.set_yticks(range(len(self.donors)), labels, fontsize=8)
-        ax.set_xticks(range(self.num_layers), [str(i) for i in range(self.num_layers)], fontsize=7)
-        ax.set_xlabel("layer (empty cell: layer not assigned to that donor)")
-        ax.set_title(f"partition_slerp: donor t per layer ({self.bins} bins, seed {self.seed}); × = drop_rate > 0", fontsize=9)
-        fig.colorbar(im, ax=ax, label="t (0 = base, 1 = donor)", fraction=0.03)
-        fig.tight_layout()
-        if path:
-            fig.savefig(path, dpi=130)
-        return fig
+        return heatmap(self, path)
 
 
-def read_source(config) -> tuple:
-    """(raw dict, path or None, sha256, text) from a config path or dict."""
-    if isinstance(config, dict):
-        text = yaml.safe_dump(config, sort_keys=False)
-        return config, None, hashlib.sha256(text.encode()).hexdigest(), text
-    path = os.fspath(config)
-    if not os.path.exists(path):
-        raise ConfigError(f"config file {path} does not exist.")
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        raw = yaml.safe_load(data.decode("utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}.") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must be a YAML mapping with merge_method, base_model and models.")
-    return raw, path, hashlib.sha256(data).hexdigest(), data.decode("utf-8")
-
-
-def _check_keys(raw: Dict[str, Any]) -> None:
-    for key in raw:
-        if key not in TOP_LEVEL and not str(key).startswith("x-"):
-            raise ConfigError(f"unknown top-level key '{key}' (mergekit would silently ignore it).{_suggest(key, TOP_LEVEL)} Prefix private keys with 'x-'.")
-    if raw.get("merge_method") != METHOD:
-        raise ConfigError(f"merge_method is {raw.get('merge_method')!r}; mergekit-partition handles '{METHOD}' recipes only.")
-    if not raw.get("base_model"):
-        raise ConfigError("base_model is missing: partition_slerp slerps every layer between the base and one donor, so it needs a base.")
-    if raw.get("slices") or raw.get("modules"):
-        raise ConfigError("mergekit-partition takes a `models:` recipe (the partition spans the full depth); `slices:`/`modules:` recipes are not supported.")
-    models = raw.get("models")
-    if not isinstance(models, list) or not models:
-        raise ConfigError("models is missing or empty: list the donors under `models:`, each as `- model: <id or path>`.")
-    scopes = [("parameters", raw.get("parameters"))]
-    for i, m in enumerate(models):
-        if not isinstance(m, dict) or "model" not in m:
-            raise ConfigError(f"models[{i}] must be a mapping with a `model:` key; got {m!r}.")
-        for key in m:
-            if key not in ("model", "parameters"):
-                raise ConfigError(f"models[{i}] ({m['model']}) has unknown key '{key}'.{_suggest(key, ('model', 'parameters'))}")
-        scopes.append((f"parameters of {m['model']}", m.get("parameters")))
-    for where, params in scopes:
-        if params is None:
-            continue
-        if not isinstance(params, dict):
-            raise ConfigError(f"{where} must be a mapping; got {params!r}.")
-        for key in params:
-            if key not in PARAMETERS:
-                raise ConfigError(f"unknown parameter '{key}' in {where} (mergekit would silently ignore it).{_suggest(key, PARAMETERS)} partition_slerp takes: {', '.join(PARAMETERS)}.")
-
-
-def _local_config(ref, label: str):
-    path = ref.model.path
-    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise ConfigError(f"{label} {ref} points to {path}, which does not exist.")
-    try:
-        return ref.config()
-    except Exception as error:  # hub errors, malformed config.json
-        raise ConfigError(f"cannot read config.json of {label} {ref}: {str(error).splitlines()[0] if str(error) else type(error).__name__}.") from None
+def plan(config) -> Plan:
+    """Check a recipe (a path or a dict) and resolve every layer; no weights are read."""
+    return build_plan(config)
 
 
 def build_plan(config) -> Plan:
-    raw, source, sha, text = read_source(config)
-    _check_keys(raw)
-    from mergekit.architecture import arch_info_for_config
-    from mergekit.architecture.base import ConfiguredModelArchitecture
+    recipe = recipes.read(config)
+    table = recipes.check(recipe)
+    raw = recipe.raw
     from mergekit.config import ConfigReader, InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
-    from mergekit.merge_methods import get
     from mergekit.parameter_resolver import resolve_parameters
+
+    from mergekit_partition_slerp.method import partition_slerp
 
     try:
         cfg = MergeConfiguration.model_validate(raw)
     except Exception as error:
-        raise ConfigError(f"mergekit rejects this config: {_pydantic_summary(error)}") from None
+        raise ConfigError(f"mergekit rejects this recipe: {_pydantic_summary(error)}.") from None
     base = cfg.base_model
     donors = [m for m in cfg.models if m.model != base]
     if not donors:
         raise ConfigError("models lists no donor besides the base; add at least one donor.")
-    seen = {}
+    seen = set()
     for m in donors:
         if m.model in seen:
-            raise ConfigError(f"donor {m.model} is listed twice; mergekit rejects duplicate inputs. To use a model in two roles, list it the second time as `{m.model.model.path}@main` (hub) or through a symlinked directory (local).")
-        seen[m.model] = True
+            raise ConfigError(
+                f"donor {m.model} is listed twice; mergekit rejects duplicate inputs. To use a model in two roles, "
+                f"list it the second time as `{m.model.model.path}@main` (hub) or through a symlinked directory (local)."
+            )
+        seen.add(m.model)
 
-    base_cfg = _local_config(base, "base model")
-    if len(getattr(base_cfg, "architectures", None) or []) != 1:
-        raise ConfigError(f"config.json of base model {base} must name exactly one architecture (its `architectures` is {getattr(base_cfg, 'architectures', None)}).")
-    arch = arch_info_for_config(base_cfg)
-    if arch is None:
-        raise ConfigError(f"mergekit has no architecture definition for {base_cfg.architectures} (base model {base}).")
-    if len(arch.modules) != 1:
-        raise ConfigError(f"base model {base} is a multi-module architecture ({', '.join(sorted(arch.modules))}); partition_slerp v1 merges single-module models only.")
+    _require_reachable([base] + [m.model for m in donors], recipe.path)
+    base_cfg = _model_config(base, "base model", recipe.path)
+    stack, L, layer_names, non_layer = _architecture(base_cfg, base)
     tokenizer_set = raw.get("tokenizer_source") is not None or raw.get("tokenizer") is not None
     for m in donors:
-        dcfg = _local_config(m.model, "donor")
+        dcfg = _model_config(m.model, "donor", recipe.path)
         if list(dcfg.architectures or []) != list(base_cfg.architectures or []):
-            raise ConfigError(f"donor {m.model} is {dcfg.architectures} but the base is {base_cfg.architectures}; partition_slerp merges models of one architecture.")
+            raise ConfigError(
+                f"donor {m.model} is {dcfg.architectures} but the base is {base_cfg.architectures}; "
+                "partition_slerp merges models of one architecture."
+            )
         for key in SHAPE_KEYS:
             if getattr(dcfg, key, None) != getattr(base_cfg, key, None):
-                raise ConfigError(f"donor {m.model} has {key} = {getattr(dcfg, key, None)} but the base has {getattr(base_cfg, key, None)}; its tensors cannot be slerped with the base's.")
+                raise ConfigError(
+                    f"donor {m.model} has {key} = {getattr(dcfg, key, None)} but the base has "
+                    f"{getattr(base_cfg, key, None)}; its tensors cannot be slerped with the base's."
+                )
         if getattr(dcfg, "vocab_size", None) != getattr(base_cfg, "vocab_size", None) and not tokenizer_set:
-            raise ConfigError(f"donor {m.model} has vocab_size {dcfg.vocab_size} but the base has {base_cfg.vocab_size}; set `tokenizer_source: base` (or a `tokenizer:` section) so mergekit aligns the embeddings.")
+            raise ConfigError(
+                f"donor {m.model} has vocab_size {dcfg.vocab_size} but the base has {base_cfg.vocab_size}; set "
+                "`tokenizer_source: base` (or a `tokenizer:` section) so mergekit aligns the embeddings."
+            )
 
-    (module_name,) = arch.modules
-    module = ConfiguredModelArchitecture(info=arch, config=base_cfg).get_module(module_name)
-    L = module.num_layers()
     shared = raw.get("parameters") or {}
-    spec = get(METHOD).spec
-    shared_specs = {p.name: p for p in spec.parameters}
-    for key in ("bins", "seed", "rescale", "rowwise", "num_layers"):
-        if key in shared:
-            try:
-                shared_specs[key].validate(shared[key])
-            except Exception as error:
-                raise ConfigError(f"parameter {key} = {shared[key]!r} is invalid: {_pydantic_summary(error)}") from None
-    for i, m in enumerate(cfg.models):
-        for key in ("bins", "seed", "rescale", "rowwise", "num_layers"):
-            if key in (m.parameters or {}):
-                raise ConfigError(f"{key} is shared by the whole merge; set it under the top-level `parameters:`, not for {m.model}.")
     if shared.get("num_layers") not in (None, L):
-        raise ConfigError(f"num_layers is {shared['num_layers']} but base model {base} has {L} layers.")
-    n_bins = shared.get("bins", len(donors))
-    seed = shared.get("seed", 0)
-    if n_bins > L:
-        raise ConfigError(f"bins is {n_bins} but the base model has only {L} layers; use at most {L} bins.")
-    if n_bins < len(donors):
-        unused = ", ".join(str(m.model) for m in donors[n_bins:])
-        raise ConfigError(f"bins is {n_bins} but there are {len(donors)} donors, so these donors would never be used: {unused}. Set bins to at least {len(donors)} or remove them.")
+        raise ConfigError(
+            f"num_layers = {shared['num_layers']} (top-level parameters) does not match base model {base}, "
+            f"which has {L} layers in {stack}; remove num_layers (it is inferred) or set it to {L}."
+        )
+    n_bins = shared.get("bins", table["bins"].default) or len(donors)
+    seed = shared.get("seed", table["seed"].default)
+    problem = bins_problem(n_bins, L, [str(m.model) for m in donors], stack)
+    if problem:
+        raise ConfigError(f"{problem} (bins is {'set in the top-level parameters' if 'bins' in shared else 'the donor count by default'}).")
 
-    first = module.layer_weights(0)
-    stack = _stack(first[0].name, 0)
     sources = [InputSliceDefinition(layer_range=(0, L), model=m.model, parameters=m.parameters) for m in cfg.models]
     if base not in [m.model for m in cfg.models]:
         sources.append(InputSliceDefinition(layer_range=(0, L), model=base))
     reader = ConfigReader(config=cfg, t=0, slice_out=OutputSliceDefinition(sources=sources))
+    spec = partition_slerp.spec
+    per_donor = [name for name, p in table.items() if p.per_donor]
+
+    def resolve(donor, name: str, position: float) -> Dict[str, float]:
+        try:
+            _, per = resolve_parameters(
+                spec,
+                tensor_name=name,
+                inputs={donor.model: name},
+                sources=reader.with_t(position).parameter_sources,
+                base_model=base,
+                t=position,
+            )
+        except Exception as error:  # every written value was checked: what is left is a missing value
+            raise ConfigError(
+                f"no value of {' / '.join(per_donor)} applies to tensor {name} for donor {donor.model}: "
+                f"{_pydantic_summary(error)}. A filter list needs a last entry without `filter:` "
+                "(or a top-level default) to cover every tensor."
+            ) from None
+        return {key: float(per[donor.model][key]) for key in per_donor}
+
+    written = [str(m["model"]) for m in raw["models"] if str(m["model"]) != str(raw["base_model"])]
     bins = layer_bins(stack, L, n_bins, seed)
     layers = []
     for i in range(L):
-        pos = layer_position(i, L)
+        position = layer_position(i, L)
         k = bins[i] % len(donors)
-        donor = donors[k]
-        row = {"layer": i, "bin": bins[i], "donor_index": k, "donor": _as_written(raw, k, base), "position": pos, "t": {}, "drop_rate": {}}
-        for w in module.layer_weights(i):
-            suffix = w.name[len(stack) + len(str(i)) + 2 :]
-            try:
-                _, per = resolve_parameters(spec, tensor_name=w.name, inputs={donor.model: w.name}, sources=reader.with_t(pos).parameter_sources, base_model=base, t=pos)
-            except Exception as error:
-                raise ConfigError(f"donor {donor.model}, tensor class {suffix.split('.')[0]} ({w.name}): {_pydantic_summary(error)}") from None
-            row["t"][suffix] = float(per[donor.model]["t"])
-            row["drop_rate"][suffix] = float(per[donor.model]["drop_rate"])
-        layers.append(row)
-    # every donor's values must be valid, also where it owns no layer
+        values = {name[len(stack) + len(str(i)) + 2 :]: resolve(donors[k], name, position) for name in layer_names(i)}
+        layers.append(
+            LayerRow(
+                layer=i,
+                bin=bins[i],
+                donor_index=k,
+                donor=written[k],
+                position=position,
+                t={suffix: v["t"] for suffix, v in values.items()},
+                drop_rate={suffix: v["drop_rate"] for suffix, v in values.items()},
+            )
+        )
+    # a donor's values must resolve everywhere, also at depths where it owns no layer
     for m in donors:
-        for w in module.layer_weights(0) + module.layer_weights(L - 1):
-            try:
-                resolve_parameters(spec, tensor_name=w.name, inputs={m.model: w.name}, sources=reader.parameter_sources, base_model=base, t=0)
-            except Exception as error:
-                raise ConfigError(f"donor {m.model}, tensor class {w.name.split('.')[len(stack.split('.')) + 1]} ({w.name}): {_pydantic_summary(error)}") from None
-    non_layer = [w.name for w in module.pre_weights() + module.post_weights()]
-    return Plan(seed=seed, bins=n_bins, stack=stack, num_layers=L, base=str(raw["base_model"]),
-                donors=[_as_written(raw, k, base) for k in range(len(donors))], layers=layers,
-                non_layer=non_layer, config_sha256=sha, source=source, source_text=text, raw=raw)
+        for name in layer_names(0) + layer_names(L - 1):
+            resolve(m, name, 0.0)
+    return Plan(
+        seed=seed,
+        bins=n_bins,
+        stack=stack,
+        num_layers=L,
+        base=str(raw["base_model"]),
+        donors=written,
+        layers=layers,
+        non_layer=non_layer,
+        config_sha256=recipe.sha256,
+        source=recipe.path,
+        source_text=recipe.text,
+        raw=raw,
+    )
 
 
-def _as_written(raw, k, base) -> str:
-    entries = [m["model"] for m in raw["models"] if str(m["model"]) != str(raw["base_model"])]
-    return str(entries[k])
+def _architecture(base_cfg, base):
+    """(stack, layer count, layer -> tensor names, non-layer names) from mergekit's definition."""
+    from mergekit.architecture import arch_info_for_config
+    from mergekit.architecture.base import ConfiguredModelArchitecture
 
-
-def _stack(name: str, index: int) -> str:
     from mergekit_partition_slerp.layers import stack_key
 
-    return stack_key(name, index)
+    if len(getattr(base_cfg, "architectures", None) or []) != 1:
+        raise ConfigError(
+            f"config.json of base model {base} must name exactly one architecture "
+            f"(its `architectures` is {getattr(base_cfg, 'architectures', None)})."
+        )
+    arch = arch_info_for_config(base_cfg)
+    if arch is None:
+        raise ConfigError(f"mergekit has no architecture definition for {base_cfg.architectures} (base model {base}).")
+    if len(arch.modules) != 1:
+        raise ConfigError(
+            f"base model {base} is a multi-module architecture ({', '.join(sorted(arch.modules))}); "
+            "partition_slerp v1 merges single-module models only."
+        )
+    (module_name,) = arch.modules
+    module = ConfiguredModelArchitecture(info=arch, config=base_cfg).get_module(module_name)
+
+    def layer_names(i: int) -> List[str]:
+        return [w.name for w in module.layer_weights(i)]
+
+    stack = stack_key(layer_names(0)[0], 0)
+    non_layer = [w.name for w in module.pre_weights() + module.post_weights()]
+    return stack, module.num_layers(), layer_names, non_layer
+
+
+def _local_path(ref) -> Optional[str]:
+    path = ref.model.path
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
+    return os.path.expanduser(path) if looks_local else None
+
+
+def _model_config(ref, label: str, recipe_path: Optional[str]):
+    path = _local_path(ref)
+    if path is not None and not os.path.isdir(path):
+        hint = ""
+        if recipe_path and not os.path.isabs(path):
+            beside = os.path.join(os.path.dirname(os.path.abspath(recipe_path)), path)
+            if os.path.isdir(beside):
+                hint = (
+                    f" It exists relative to the recipe ({beside}), but mergekit reads relative paths from the "
+                    f"current directory: run from {os.path.dirname(os.path.abspath(recipe_path))}, or write the "
+                    "path from here."
+                )
+        raise ConfigError(f"{label} {ref} points to {path}, which does not exist.{hint}")
+    if path is not None and not os.path.exists(os.path.join(path, "config.json")):
+        raise ConfigError(f"{label} {ref}: {path} has no config.json, so it is not a model directory.")
+    try:
+        return ref.config()
+    except Exception as error:  # hub errors, malformed config.json
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"cannot read config.json of {label} {ref}: {first}.") from None
+
+
+def _require_reachable(refs, recipe_path: Optional[str]) -> None:
+    """Fail fast, naming the models, when hub models are needed but the hub is out of reach.
+
+    Without this, transformers retries each lookup for ~30 s before failing.
+    """
+    remote = [ref for ref in dict.fromkeys(refs) if _local_path(ref) is None and not _cached_config(ref)]
+    if not remote:
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not offline:
+        if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+            return  # a proxy may reach the hub where a direct connection cannot: let the lookup try
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=5).close()
+            return
+        except OSError:
+            pass
+    reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached (offline?)"
+    names = ", ".join(str(r) for r in remote)
+    where = f" in {recipe_path}" if recipe_path else ""
+    raise ConfigError(
+        f"{reason}, and these models{where} are not in the local cache: {names}. `plan` reads only their "
+        "config.json, but it must come from the hub (or point `model:` at a local directory). To try a recipe "
+        "offline, `mergekit-partition demo` builds a tiny local model family and writes an Eleusis-shaped "
+        "recipe for it (partition-slerp-demo/eleusis-demo.yml)."
+    )
+
+
+def _cached_config(ref) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(ref.model.path, "config.json", revision=ref.model.revision)
+    except Exception:
+        return False
+    return isinstance(found, str)
 
 
 def _pydantic_summary(error: Exception) -> str:
-    """The first few pydantic complaints on one line, else the message's first line."""
+    """Pydantic's complaints in plain words, else the message's first line."""
     errors = getattr(error, "errors", None)
     if callable(errors):
         parts = []
         for e in errors()[:3]:
-            loc = ".".join(str(x) for x in e.get("loc", ()))
+            loc = ".".join(str(x) for x in e.get("loc", ()) if not str(x).startswith(("function-", "constrained")))
             parts.append(f"{loc + ': ' if loc else ''}{e.get('msg')} (got {e.get('input')!r})")
         return "; ".join(parts)
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def plan(config) -> Plan:
-    """Validate a recipe (path, YAML file or dict) and resolve every layer; no weights are read."""
-    return build_plan(config)
 
 
 def compile_config(p: Plan, absolute_paths: bool = False) -> str:
@@ -344,18 +337,22 @@ def compile_config(p: Plan, absolute_paths: bool = False) -> str:
     """
     raw = p.raw
     fix = _absolute if absolute_paths else (lambda model: model)
-    shared = {k: v for k, v in (raw.get("parameters") or {}).items() if k not in PER_DONOR}
+    table = recipes.parameters()
+    shared = {k: v for k, v in (raw.get("parameters") or {}).items() if not table[k].per_donor}
     shared["bins"], shared["seed"] = p.bins, p.seed
     slices = []
     for row in p.layers:
-        params = {}
-        for key in PER_DONOR:
-            params[key] = _frozen(row[key], p.stack, row["layer"])
-        slices.append({"sources": [
-            {"model": fix(raw["base_model"]), "layer_range": [row["layer"], row["layer"] + 1]},
-            {"model": fix(row["donor"]), "layer_range": [row["layer"], row["layer"] + 1], "parameters": params},
-        ]})
-    out = {"merge_method": METHOD, "base_model": fix(raw["base_model"]), "parameters": shared, "slices": slices}
+        params = {key: _frozen(getattr(row, key), p.stack, row.layer) for key in ("t", "drop_rate")}
+        span = [row.layer, row.layer + 1]
+        slices.append(
+            {
+                "sources": [
+                    {"model": fix(raw["base_model"]), "layer_range": span},
+                    {"model": fix(row.donor), "layer_range": span, "parameters": params},
+                ]
+            }
+        )
+    out = {"merge_method": recipes.METHOD, "base_model": fix(raw["base_model"]), "parameters": shared, "slices": slices}
     for key in ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template"):
         if key in raw:
             out[key] = raw[key]
@@ -380,8 +377,10 @@ def _frozen(values: Dict[str, float], stack: str, layer: int):
     counts: Dict[float, int] = {}
     for v in values.values():
         counts[v] = counts.get(v, 0) + 1
-    common = max(counts, key=counts.get)
+    common = max(counts, key=lambda v: counts[v])
     if len(counts) == 1:
         return common
-    rules = [{"filter": f"{stack}.{layer}.{k}", "value": v} for k, v in values.items() if v != common]
+    rules: List[Dict[str, Any]] = [
+        {"filter": f"{stack}.{layer}.{k}", "value": v} for k, v in values.items() if v != common
+    ]
     return rules + [{"value": common}]
