@@ -100,7 +100,7 @@ def eleusis_plan(path: str, recipe_path: str = RECIPE) -> str:
         "colour = t of the MLP and norm tensors at that depth;  × = attention at t 0.03 with drop rate 0.28",
         fontsize=10,
     )
-    t_of = {(r["donor_index"], r["layer"]): r["t"]["mlp.up_proj.weight"] for r in p.layers}
+    t_of = {(r.donor_index, r.layer): r.t["mlp.up_proj.weight"] for r in p.layers}
 
     def ink(t: float) -> str:  # readable on viridis: dark text on the yellow end
         return "black" if t > 0.62 else "white"

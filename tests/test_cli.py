@@ -1,5 +1,6 @@
 """The real `mergekit-partition` console script, in subprocesses."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -115,12 +116,100 @@ def test_run_writes_atomically_and_refuses_clobber(family, tmp_path):
     check_merge(src, str(out), 8)
     record = json.loads((out / "partition.json").read_text())
     assert record["seed"] == 7 and set(record["versions"]) >= {"mergekit-partition-slerp", "mergekit", "torch", "numpy"}
-    assert "Partition plan" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "Partition plan" in card and "mergekit-partition run mergekit_config.yml OUT" in card
+    # the card is titled after OUT, not the temporary directory the merge was written into
+    assert [line for line in card.splitlines() if line.startswith("# ")] == ["# out"]
+    # the recipe the card names rebuilds the model
+    rebuilt = cli("run", out / "mergekit_config.yml", tmp_path / "rebuilt", "--no-copy-tokenizer")
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert digest(out) == digest(tmp_path / "rebuilt")
+    # the mode a plain mkdir gives under this umask (mergekit-yaml's), not a temporary directory's 0700
+    os.mkdir(tmp_path / "plain-mkdir")
+    assert os.stat(out).st_mode == os.stat(tmp_path / "plain-mkdir").st_mode
     again = cli("run", src, out, "--no-copy-tokenizer")
     assert again.returncode == 2 and "--force" in again.stderr
     forced = cli("run", src, out, "--no-copy-tokenizer", "--force")
     assert forced.returncode == 0, forced.stderr[-2000:]
-    assert [p for p in os.listdir(tmp_path) if ".partial" in p] == []
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no partial, no lock file
+
+
+def digest(path):
+    h = hashlib.sha256()
+    for name, t in sorted(load_state_dict(str(path)).items()):
+        h.update(name.encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_force_never_deletes_the_working_directory_or_inputs(family, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(os.path.dirname(family["base"]), work / "models")
+    local = {k: str(work / "models" / k) for k in family}
+    write_config(work / "r.yml", eleusis_like(local))
+    (work / "notes.txt").write_text("mine")
+    before = sorted(str(p) for p in work.rglob("*"))
+    for out in (".", "models", "models/base", str(tmp_path)):
+        proc = cli("run", "r.yml", out, "--no-copy-tokenizer", "--force", cwd=work)
+        assert proc.returncode == 2, (out, proc.stderr)
+        assert proc.stderr.startswith("error: output") and proc.stderr.count("\n") == 1, proc.stderr
+    assert sorted(str(p) for p in work.rglob("*")) == before
+
+
+def test_concurrent_run_is_refused_while_the_first_holds_the_lock(family, tmp_path):
+    from mergekit_partition_slerp.runner import OutputLock
+
+    src = write_config(tmp_path / "r.yml", eleusis_like(family))
+    with OutputLock(str(tmp_path / "out")):
+        proc = cli("run", src, tmp_path / "out", "--no-copy-tokenizer")
+    assert proc.returncode == 2 and "another `mergekit-partition run` is writing the same output" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_mergekit_yaml_over_an_old_run_warns_about_its_partition_record(family, tmp_path):
+    from conftest import mergekit_yaml
+
+    src = write_config(tmp_path / "r.yml", eleusis_like(family))
+    assert cli("run", src, tmp_path / "out", "--no-copy-tokenizer").returncode == 0
+    same = mergekit_yaml(src, tmp_path / "out")
+    assert same.returncode == 0 and "left from an earlier" not in same.stderr
+    other = write_config(tmp_path / "other.yml", eleusis_like(family, seed=8))
+    proc = mergekit_yaml(other, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stderr.splitlines() if "left from an earlier" in line]
+    assert len(warnings) == 1 and "partition.json" in warnings[0]
+
+
+def test_hub_models_offline_fail_fast_naming_them(tmp_path, family):
+    cfg = eleusis_like(family)
+    cfg["models"][1]["model"] = "someorg/not-cached-7b"
+    cfg["models"][3]["model"] = "otherorg/also-missing"
+    src = write_config(tmp_path / "r.yml", cfg)
+    empty_cache = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    offline = {**ENV, **empty_cache}
+    unreachable = {**os.environ, **empty_cache, "HF_ENDPOINT": "http://127.0.0.1:9"}
+    unreachable.pop("HF_HUB_OFFLINE", None)
+    for env in (offline, unreachable):
+        start = time.time()
+        proc = subprocess.run([CLI, "plan", src], capture_output=True, text=True, env=env)
+        assert time.time() - start < 20
+        assert proc.returncode == 2 and "someorg/not-cached-7b, otherorg/also-missing" in proc.stderr, proc.stderr
+        assert "mergekit-partition demo" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_output_files_that_cannot_be_written_are_one_line_errors(family, tmp_path):
+    src = write_config(tmp_path / "r.yml", eleusis_like(family))
+    (tmp_path / "adir").mkdir()
+    for args in (
+        ("plan", src, "--png", tmp_path / "nodir" / "x.png"),
+        ("plan", src, "--png", tmp_path / "adir"),
+        ("compile", src, "-o", tmp_path / "nodir" / "c.yml"),
+        ("run", src, tmp_path / "out", "--out-shard-size", "lots"),
+        ("demo", tmp_path / "adir" / ".." / "r.yml"),
+    ):
+        proc = cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, (args, proc.stderr)
 
 
 def test_run_with_corrupt_donor_leaves_no_output(family, tmp_path):
@@ -147,17 +236,22 @@ def test_killed_run_leaves_no_output(family, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "out").exists()
+    (stale,) = [p for p in os.listdir(tmp_path) if ".partial" in p]
     rerun = cli("run", src, tmp_path / "out", "--no-copy-tokenizer")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"removed {tmp_path / stale}" in rerun.stderr and "no longer running" in rerun.stderr
+    assert [p for p in os.listdir(tmp_path) if ".partial" in p] == []
     check_merge(src, str(tmp_path / "out"), 8)
 
 
 BAD = [
     ("typo", lambda c: c["parameters"].update({"drop-rate": 0.1}), "did you mean 'drop_rate'"),
     ("unknown donor key", lambda c: c["models"][0]["parameters"].update({"weight": 1}), "unknown parameter 'weight'"),
-    ("t out of range", lambda c: c["models"][1]["parameters"].update({"t": 1.5}), "less than or equal to 1"),
-    ("t not a number", lambda c: c["models"][1]["parameters"].update({"t": "half"}), "donor"),
-    ("drop 1", lambda c: c["parameters"].update({"drop_rate": 1.0}), "less than 1"),
+    ("t out of range", lambda c: c["models"][1]["parameters"].update({"t": 1.5}), "t = 1.5 (parameters of models[1]"),
+    ("t not a number", lambda c: c["models"][1]["parameters"].update({"t": "half"}), "t = 'half' (parameters of models[1]"),
+    ("drop 1", lambda c: c["parameters"].update({"drop_rate": 1.0}), "drop_rate = 1.0 (top-level parameters) is out of range: it must be a number in [0, 1)"),
+    ("num_layers wrong", lambda c: c["parameters"].update({"num_layers": 32}), "num_layers = 32 (top-level parameters) does not match"),
+    ("filter without catch-all", lambda c: c["models"][1]["parameters"].update({"t": [{"filter": "mlp", "value": 0.5}]}), "no value of t / drop_rate applies to tensor model.layers."),
     ("negative seed", lambda c: c["parameters"].update({"seed": -3}), "seed"),
     ("bins 0", lambda c: c["parameters"].update({"bins": 0}), "bins"),
     ("bins > layers", lambda c: c["parameters"].update({"bins": 9}), "only 8 layers"),
@@ -197,10 +291,14 @@ def test_donor_with_other_shape_is_refused(family, tmp_path):
     assert proc.returncode == 2 and "intermediate_size" in proc.stderr and str(odd) in proc.stderr
 
 
-def test_demo_builds_a_model_that_generates(tmp_path):
+def test_demo_builds_a_model_that_generates(tmp_path, monkeypatch):
     proc = cli("demo", tmp_path / "demo")
     assert proc.returncode == 0, proc.stderr[-2000:]
     merged = tmp_path / "demo" / "merged"
+    text = (tmp_path / "demo" / "eleusis-demo.yml").read_text()
+    # written as a person would: named anchors, relative paths, no absolute path of this machine
+    assert "&input" in text and "*output" in text and "id001" not in text and str(tmp_path) not in text.split("merge_method")[1]
+    monkeypatch.chdir(tmp_path / "demo")  # the recipe's paths are relative to its folder
     assert (merged / "partition.json").exists()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -156,3 +156,20 @@ def test_installed_distribution_ships_the_pth_hook():
     pth = [f for f in files("mergekit-partition-slerp") if f.name == "mergekit_partition_slerp.pth"]
     assert pth, "the wheel must install mergekit_partition_slerp.pth at site-packages root"
     assert pth[0].read_text().strip() == "import mergekit_partition_slerp._autoload"
+
+
+def test_in_memory_num_layers_is_checked_against_the_tensors():
+    from mergekit_partition_slerp.family import Shape, mistral_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    base = mistral_state_dict(Shape(num_hidden_layers=3), g)
+    donor = {k: v + 0.01 for k, v in base.items()}
+    models = {"base": base, "a": donor}
+    for wrong in (32, 2):
+        with pytest.raises(Exception, match=f"num_layers = {wrong}, but the tensors given hold 3 layers of model.layers"):
+            merge_state_dicts(models, "partition_slerp", base="base", parameters={"t": 0.5, "num_layers": wrong})
+    # a state dict holding only some layers (no embeddings or head) may have fewer layers than num_layers
+    part = {k: v for k, v in base.items() if k.startswith("model.layers.0.")}
+    merged = merge_state_dicts({"base": part, "a": {k: donor[k] for k in part}}, "partition_slerp", base="base",
+                               parameters={"t": 1.0, "num_layers": 3})
+    assert all(torch.equal(merged[k], donor[k]) for k in part)

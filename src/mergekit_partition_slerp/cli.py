@@ -79,7 +79,21 @@ ALLOW_PICKLE = click.option(
 )
 
 
-@click.group(epilog=EXIT_STATUS)
+class _Group(click.Group):
+    """click's usage errors in the same one-line `error:` form as ours (exit status 2)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as error:
+            command = (error.ctx.command_path if getattr(error, "ctx", None) else None) or "mergekit-partition"
+            _fail(f"{error.format_message()} (see `{command} --help`)", error.exit_code)
+        except click.exceptions.Abort:
+            _fail("aborted.", 130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Group, epilog=EXIT_STATUS)
 @click.version_option(__version__, prog_name="mergekit-partition")
 def main() -> None:
     """Plan, compile and run partition_slerp merges (the Eleusis 9-partition recipe)."""
@@ -136,6 +150,8 @@ def merge_options(args: List[str]):
         options.main(list(args), prog_name="mergekit-partition run", standalone_mode=False)
     except click.ClickException as error:
         raise ConfigError(f"mergekit option: {error.format_message()} (`mergekit-yaml --help` lists them).") from None
+    except ValueError as error:  # some of mergekit's option types raise it instead of click's BadParameter
+        raise ConfigError(f"mergekit options `{' '.join(args)}` are not valid ({error}); see `mergekit-yaml --help`.") from None
     if "options" not in parsed:
         raise ConfigError("mergekit options: --help is not a merge option; see `mergekit-yaml --help`.")
     return parsed["options"]

@@ -43,6 +43,12 @@ class LayerRow:
     t: Dict[str, float]  # tensor name after "{stack}.{layer}." -> t
     drop_rate: Dict[str, float]
 
+    def __getitem__(self, key: str) -> Any:
+        """row["donor"]: 0.1.0's rows were dicts, and notebooks written against it keep working."""
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
 
 @dataclass
 class Plan:

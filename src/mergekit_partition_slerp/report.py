@@ -3,10 +3,34 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import Dict, List, Optional, Protocol, Sequence
 
-if TYPE_CHECKING:
-    from mergekit_partition_slerp.planning import Plan
+
+class Row(Protocol):
+    layer: int
+    donor_index: int
+    donor: str
+    t: Dict[str, float]
+    drop_rate: Dict[str, float]
+
+    @property
+    def bin(self) -> int: ...
+
+
+class Plan(Protocol):
+    """What is drawn (planning.Plan, or a plan recovered from a merged model)."""
+
+    seed: int
+    bins: int
+    stack: str
+    num_layers: int
+    base: str
+    donors: List[str]
+    non_layer: List[str]
+
+    @property
+    def layers(self) -> Sequence[Row]: ...
+
 
 CLASSES = ("attn", "mlp", "other")
 
