@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from mergekit_partition_slerp import __version__
+from mergekit_partition_slerp.checkpoint import tensor_sizes
 from mergekit_partition_slerp.errors import ConfigError, MergeError
 from mergekit_partition_slerp.planning import Plan, compile_config
 
@@ -72,33 +73,6 @@ def check_pickle(p: Plan, allow: bool) -> List[str]:
             )
         warnings.append(f"{model} has only pickle weights (.bin); loading them can run arbitrary code.")
     return warnings
-
-
-def safetensors_header(path: str) -> Dict[str, Any]:
-    """The JSON header of one safetensors file, checked against the file's length (truncation)."""
-    size = os.path.getsize(path)
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > size - 8:
-                raise ConfigError(f"{path} is truncated or not a safetensors file (header longer than the file)")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{path} has an unreadable header ({error})") from None
-    header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise ConfigError(f"{path} is truncated ({size} bytes, its header describes {8 + n + end})")
-    return header
-
-
-def tensor_sizes(path: str) -> Dict[str, int]:
-    """{tensor name: bytes} of a local checkpoint, from its safetensors headers only."""
-    sizes: Dict[str, int] = {}
-    for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
-        for tensor, info in safetensors_header(os.path.join(path, name)).items():
-            sizes[tensor] = info["data_offsets"][1] - info["data_offsets"][0]
-    return sizes
 
 
 def check_weights(p: Plan) -> None:

@@ -1,0 +1,44 @@
+"""What a local checkpoint holds, read from its safetensors headers only (no tensor data).
+
+Pure standard library: the run engine's preflight and byte count use it, and so can
+anything else that needs tensor names or sizes before a weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict
+
+from mergekit_partition_slerp.errors import ConfigError
+
+
+def safetensors_header(path: str) -> Dict[str, Any]:
+    """The JSON header of one safetensors file, checked against the file's length (truncation)."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            raw = f.read(n) if 8 <= size and n <= size - 8 else None
+    except OSError as error:
+        raise ConfigError(f"{path} cannot be read ({error.strerror})") from None
+    if raw is None:
+        raise ConfigError(f"{path} is truncated or not a safetensors file (header longer than the file)")
+    try:
+        header = json.loads(raw)
+    except ValueError as error:
+        raise ConfigError(f"{path} has an unreadable header ({error})") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ConfigError(f"{path} is truncated ({size} bytes, its header describes {8 + n + end})")
+    return header
+
+
+def tensor_sizes(path: str) -> Dict[str, int]:
+    """{tensor name: bytes} of a local checkpoint, from its safetensors headers only."""
+    sizes: Dict[str, int] = {}
+    for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        for tensor, info in safetensors_header(os.path.join(path, name)).items():
+            sizes[tensor] = info["data_offsets"][1] - info["data_offsets"][0]
+    return sizes
