@@ -2,9 +2,10 @@
 
 import json
 
+from reference import eleusis_like
+
 from mergekit_partition_slerp.partition import layer_bins
 from mergekit_partition_slerp.planning import plan
-from reference import eleusis_like
 
 
 def test_rows_are_typed_and_still_read_like_the_dicts_of_0_1_0(family):

@@ -12,11 +12,11 @@ import subprocess
 import sys
 
 import pytest
+from reference import eleusis_like, write_config
 
 from mergekit_partition_slerp import runner
 from mergekit_partition_slerp.errors import ConfigError, MergeError
 from mergekit_partition_slerp.planning import plan
-from reference import eleusis_like, write_config
 
 
 @pytest.fixture
@@ -154,7 +154,9 @@ def test_second_run_to_the_same_output_is_refused(p, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     monkeypatch.setattr(runner, "_merge", fake_merge)
     with runner.OutputLock(out):
-        with pytest.raises(ConfigError, match=f"another `mergekit-partition run` is writing the same output \\(pid {os.getpid()}"):
+        with pytest.raises(
+            ConfigError, match=f"another `mergekit-partition run` is writing the same output \\(pid {os.getpid()}"
+        ):
             runner.run(p, out, None)
         assert not os.path.exists(out)
     runner.run(p, out, None)  # the lock is gone with its holder

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict
+from typing import Any
 
 from mergekit_partition_slerp.errors import ConfigError
 
 
-def safetensors_header(path: str) -> Dict[str, Any]:
+def safetensors_header(path: str) -> dict[str, Any]:
     """The JSON header of one safetensors file, checked against the file's length (truncation)."""
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            raw = f.read(n) if 8 <= size and n <= size - 8 else None
+            raw = f.read(n) if size >= 8 and n <= size - 8 else None
     except OSError as error:
         raise ConfigError(f"{path} cannot be read ({error.strerror})") from None
     if raw is None:
@@ -35,9 +35,9 @@ def safetensors_header(path: str) -> Dict[str, Any]:
     return header
 
 
-def tensor_sizes(path: str) -> Dict[str, int]:
+def tensor_sizes(path: str) -> dict[str, int]:
     """{tensor name: bytes} of a local checkpoint, from its safetensors headers only."""
-    sizes: Dict[str, int] = {}
+    sizes: dict[str, int] = {}
     for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
         for tensor, info in safetensors_header(os.path.join(path, name)).items():
             sizes[tensor] = info["data_offsets"][1] - info["data_offsets"][0]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, Callable, List
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -135,7 +136,7 @@ def compile_cmd(config: str, output: str, allow_pickle: bool) -> None:
         click.echo(text, nl=False)
 
 
-def merge_options(args: List[str]):
+def merge_options(args: list[str]):
     """mergekit-yaml's own options, parsed by mergekit's own click declarations."""
     from mergekit.options import add_merge_options
 
@@ -151,7 +152,9 @@ def merge_options(args: List[str]):
     except click.ClickException as error:
         raise ConfigError(f"mergekit option: {error.format_message()} (`mergekit-yaml --help` lists them).") from None
     except ValueError as error:  # some of mergekit's option types raise it instead of click's BadParameter
-        raise ConfigError(f"mergekit options `{' '.join(args)}` are not valid ({error}); see `mergekit-yaml --help`.") from None
+        raise ConfigError(
+            f"mergekit options `{' '.join(args)}` are not valid ({error}); see `mergekit-yaml --help`."
+        ) from None
     if "options" not in parsed:
         raise ConfigError("mergekit options: --help is not a merge option; see `mergekit-yaml --help`.")
     return parsed["options"]
@@ -172,7 +175,7 @@ def merge_options(args: List[str]):
 @ALLOW_PICKLE
 @click.argument("mergekit_options", nargs=-1, type=click.UNPROCESSED)
 @_friendly
-def run_cmd(config: str, out_path: str, force: bool, allow_pickle: bool, mergekit_options: List[str]) -> None:
+def run_cmd(config: str, out_path: str, force: bool, allow_pickle: bool, mergekit_options: list[str]) -> None:
     """Validate, compile and merge atomically (same bits as mergekit-yaml CONFIG).
 
     Every mergekit-yaml option is passed through (--cuda, --out-shard-size,

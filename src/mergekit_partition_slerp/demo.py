@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Callable, Dict
+from collections.abc import Callable
 
 from mergekit_partition_slerp.errors import ConfigError, MergeError
 
@@ -113,7 +113,7 @@ def _prepare(out: str, force: bool) -> None:
 
 
 def _child(args, cwd: str, echo: Callable[[str], None]) -> None:
-    env: Dict[str, str] = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the demo never needs the network
+    env: dict[str, str] = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the demo never needs the network
     proc = subprocess.run(
         [sys.executable, "-m", "mergekit_partition_slerp.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
     )

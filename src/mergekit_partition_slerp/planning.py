@@ -11,7 +11,7 @@ import json
 import os
 import socket
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 import yaml
@@ -40,8 +40,8 @@ class LayerRow:
     donor_index: int  # position among the donors (models other than the base), config order
     donor: str  # as written in the recipe
     position: float  # i / (L - 1): where gradients are read
-    t: Dict[str, float]  # tensor name after "{stack}.{layer}." -> t
-    drop_rate: Dict[str, float]
+    t: dict[str, float]  # tensor name after "{stack}.{layer}." -> t
+    drop_rate: dict[str, float]
 
     def __getitem__(self, key: str) -> Any:
         """row["donor"]: 0.1.0's rows were dicts, and notebooks written against it keep working."""
@@ -57,15 +57,15 @@ class Plan:
     stack: str
     num_layers: int
     base: str
-    donors: List[str]
-    layers: List[LayerRow]
-    non_layer: List[str]
+    donors: list[str]
+    layers: list[LayerRow]
+    non_layer: list[str]
     config_sha256: str = ""
-    source: Optional[str] = None
+    source: str | None = None
     source_text: str = field(default="", repr=False)  # the recipe as read, for the model card
-    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "schema": recipes.PLAN_SCHEMA,
             "version": 1,
@@ -88,7 +88,7 @@ class Plan:
 
         return table(self)
 
-    def plot(self, path: Optional[str] = None):
+    def plot(self, path: str | None = None):
         """The layer x donor heatmap (see report.heatmap)."""
         from mergekit_partition_slerp.report import heatmap
 
@@ -122,7 +122,8 @@ def build_plan(config) -> Plan:
         if m.model in seen:
             raise ConfigError(
                 f"donor {m.model} is listed twice; mergekit rejects duplicate inputs. To use a model in two roles, "
-                f"list it the second time as `{m.model.model.path}@main` (hub) or through a symlinked directory (local)."
+                f"list it the second time as `{m.model.model.path}@main` (hub) or through a symlinked directory "
+                "(local)."
             )
         seen.add(m.model)
 
@@ -159,7 +160,8 @@ def build_plan(config) -> Plan:
     seed = shared.get("seed", table["seed"].default)
     problem = bins_problem(n_bins, L, [str(m.model) for m in donors], stack)
     if problem:
-        raise ConfigError(f"{problem} (bins is {'set in the top-level parameters' if 'bins' in shared else 'the donor count by default'}).")
+        where = "set in the top-level parameters" if "bins" in shared else "by default the donor count"
+        raise ConfigError(f"{problem} (bins is {where}).")
 
     sources = [InputSliceDefinition(layer_range=(0, L), model=m.model, parameters=m.parameters) for m in cfg.models]
     if base not in [m.model for m in cfg.models]:
@@ -168,7 +170,7 @@ def build_plan(config) -> Plan:
     spec = partition_slerp.spec
     per_donor = [name for name, p in table.items() if p.per_donor]
 
-    def resolve(donor, name: str, position: float) -> Dict[str, float]:
+    def resolve(donor, name: str, position: float) -> dict[str, float]:
         try:
             _, per = resolve_parameters(
                 spec,
@@ -247,7 +249,7 @@ def _architecture(base_cfg, base):
     (module_name,) = arch.modules
     module = ConfiguredModelArchitecture(info=arch, config=base_cfg).get_module(module_name)
 
-    def layer_names(i: int) -> List[str]:
+    def layer_names(i: int) -> list[str]:
         return [w.name for w in module.layer_weights(i)]
 
     stack = stack_key(layer_names(0)[0], 0)
@@ -255,13 +257,13 @@ def _architecture(base_cfg, base):
     return stack, module.num_layers(), layer_names, non_layer
 
 
-def _local_path(ref) -> Optional[str]:
+def _local_path(ref) -> str | None:
     path = ref.model.path
     looks_local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
     return os.path.expanduser(path) if looks_local else None
 
 
-def _model_config(ref, label: str, recipe_path: Optional[str]):
+def _model_config(ref, label: str, recipe_path: str | None):
     path = _local_path(ref)
     if path is not None and not os.path.isdir(path):
         hint = ""
@@ -283,7 +285,7 @@ def _model_config(ref, label: str, recipe_path: Optional[str]):
         raise ConfigError(f"cannot read config.json of {label} {ref}: {first}.") from None
 
 
-def _require_reachable(refs, recipe_path: Optional[str]) -> None:
+def _require_reachable(refs, recipe_path: str | None) -> None:
     """Fail fast, naming the models, when hub models are needed but the hub is out of reach.
 
     Without this, transformers retries each lookup for ~30 s before failing.
@@ -378,15 +380,15 @@ def _absolute(model: str) -> str:
     return model
 
 
-def _frozen(values: Dict[str, float], stack: str, layer: int):
+def _frozen(values: dict[str, float], stack: str, layer: int):
     """One float, or an exact-name filter list with the most common value last."""
-    counts: Dict[float, int] = {}
+    counts: dict[float, int] = {}
     for v in values.values():
         counts[v] = counts.get(v, 0) + 1
     common = max(counts, key=lambda v: counts[v])
     if len(counts) == 1:
         return common
-    rules: List[Dict[str, Any]] = [
+    rules: list[dict[str, Any]] = [
         {"filter": f"{stack}.{layer}.{k}", "value": v} for k, v in values.items() if v != common
     ]
     return rules + [{"value": common}]

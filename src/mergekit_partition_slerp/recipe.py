@@ -13,8 +13,9 @@ import difflib
 import hashlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Union
 
 import yaml
 
@@ -39,8 +40,8 @@ TOP_LEVEL = (
 
 @dataclass
 class Recipe:
-    raw: Dict[str, Any]
-    path: Optional[str]  # None for an in-memory dict
+    raw: dict[str, Any]
+    path: str | None  # None for an in-memory dict
     sha256: str
     text: str  # as read; mergekit copies it into the model card
 
@@ -54,8 +55,8 @@ class Param:
     required: bool
     default: Any
     kind: str  # "number", "integer" or "boolean"
-    low: Optional[Tuple[float, bool]]  # (bound, inclusive)
-    high: Optional[Tuple[float, bool]]
+    low: tuple[float, bool] | None  # (bound, inclusive)
+    high: tuple[float, bool] | None
     gradient: bool  # a list of values along the depth is accepted
 
     def allowed(self) -> str:
@@ -69,7 +70,7 @@ class Param:
             return f"{what} {'>=' if self.low[1] else '>'} {_num(self.low[0])}"
         return what
 
-    def problem(self, value: Any) -> Optional[str]:
+    def problem(self, value: Any) -> str | None:
         """Why one scalar value is not allowed, or None."""
         if self.kind == "boolean":
             return None if isinstance(value, bool) else "is not true or false"
@@ -93,12 +94,10 @@ def _num(x: float) -> str:
 
 def _describe(name: str, value_type: Any, per_donor: bool, default: Any, required: bool) -> Param:
     """Kind and bounds from the pydantic type hint (Annotated[float, Field(ge=0, lt=1)], ...)."""
-    from typing import get_args, get_origin
-
-    from typing_extensions import Annotated
+    from typing import Annotated, get_args, get_origin
 
     gradient = False
-    scalar, metadata = value_type, []
+    scalar, metadata = value_type, []  # type: tuple[Any, list[Any]]
     # Optional[X] / Union[X, List[X]]: the scalar member carries the bounds
     while True:
         origin = get_origin(scalar)
@@ -115,7 +114,12 @@ def _describe(name: str, value_type: Any, per_donor: bool, default: Any, require
             break
     low = high = None
     for c in metadata:
-        for attr, inclusive, is_low in (("ge", True, True), ("gt", False, True), ("le", True, False), ("lt", False, False)):
+        for attr, inclusive, is_low in (
+            ("ge", True, True),
+            ("gt", False, True),
+            ("le", True, False),
+            ("lt", False, False),
+        ):
             if hasattr(c, attr):
                 if is_low:
                     low = (getattr(c, attr), inclusive)
@@ -126,16 +130,14 @@ def _describe(name: str, value_type: Any, per_donor: bool, default: Any, require
 
 
 def _is_list(annotation: Any) -> bool:
-    from typing import get_args, get_origin
-
-    from typing_extensions import Annotated
+    from typing import Annotated, get_args, get_origin
 
     while get_origin(annotation) is Annotated:
         annotation = get_args(annotation)[0]
-    return get_origin(annotation) in (list, List)
+    return get_origin(annotation) is list
 
 
-def parameters() -> Dict[str, Param]:
+def parameters() -> dict[str, Param]:
     """The method's parameters, read from its spec (the one source of truth)."""
     from mergekit.merge_methods.base import MISSING, ParameterScope
 
@@ -154,7 +156,7 @@ def suggest(key: str, known) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def read(config: Union[str, os.PathLike, Dict[str, Any]]) -> Recipe:
+def read(config: str | os.PathLike | dict[str, Any]) -> Recipe:
     """The recipe from a path or a dict, with the sha256 of exactly what was read."""
     if isinstance(config, dict):
         text = yaml.safe_dump(config, sort_keys=False)
@@ -198,14 +200,14 @@ def _model_label(i: int, entry: Any) -> str:
     return f"models[{i}] ({entry.get('model')})" if isinstance(entry, dict) else f"models[{i}]"
 
 
-def scopes(raw: Dict[str, Any]) -> Iterator[Tuple[str, Optional[int], Dict[str, Any]]]:
+def scopes(raw: dict[str, Any]) -> Iterator[tuple[str, int | None, dict[str, Any]]]:
     """(where, model index or None, parameters) for the top level and every model entry."""
     yield "top-level parameters", None, raw.get("parameters") or {}
     for i, m in enumerate(raw.get("models") or []):
         yield f"parameters of {_model_label(i, m)}", i, (m.get("parameters") if isinstance(m, dict) else None) or {}
 
 
-def check(recipe: Recipe) -> Dict[str, Param]:
+def check(recipe: Recipe) -> dict[str, Param]:
     """Keys and every parameter value written; returns the parameter table."""
     raw = recipe.raw
     for key in raw:
@@ -230,7 +232,9 @@ def check(recipe: Recipe) -> Dict[str, Param]:
         )
     models = raw.get("models")
     if not isinstance(models, list) or not models:
-        raise ConfigError("models is missing or empty: list the donors under `models:`, each as `- model: <id or path>`.")
+        raise ConfigError(
+            "models is missing or empty: list the donors under `models:`, each as `- model: <id or path>`."
+        )
     for i, m in enumerate(models):
         if not isinstance(m, dict) or "model" not in m:
             raise ConfigError(f"models[{i}] must be a mapping with a `model:` key; got {m!r}.")
@@ -308,7 +312,7 @@ def _check_value(param: Param, value: Any, where: str) -> None:
         scalar_or_gradient(entry["value"], label)
 
 
-def _check_required(raw: Dict[str, Any], table: Dict[str, Param]) -> None:
+def _check_required(raw: dict[str, Any], table: dict[str, Param]) -> None:
     top = raw.get("parameters") or {}
     base = str(raw.get("base_model"))
     for name, param in table.items():
@@ -321,4 +325,3 @@ def _check_required(raw: Dict[str, Any], table: Dict[str, Param]) -> None:
                     f"top-level {name}: set it under that model's `parameters:` (or once at the top level). "
                     f"{name} must be {param.allowed()}."
                 )
-

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 
 class Row(Protocol):
-    layer: int
-    donor_index: int
-    donor: str
-    t: Dict[str, float]
-    drop_rate: Dict[str, float]
+    """One layer of a plan (planning.LayerRow is one)."""
 
     @property
+    def layer(self) -> int: ...
+    @property
     def bin(self) -> int: ...
+    @property
+    def donor_index(self) -> int: ...
+    @property
+    def donor(self) -> str: ...
+    @property
+    def t(self) -> dict[str, float]: ...
+    @property
+    def drop_rate(self) -> dict[str, float]: ...
 
 
 class Plan(Protocol):
@@ -25,8 +32,8 @@ class Plan(Protocol):
     stack: str
     num_layers: int
     base: str
-    donors: List[str]
-    non_layer: List[str]
+    donors: list[str]
+    non_layer: list[str]
 
     @property
     def layers(self) -> Sequence[Row]: ...
@@ -43,12 +50,12 @@ def tensor_class(key: str) -> str:
     return "mlp" if first in ("mlp", "block_sparse_moe", "feed_forward") else "other"
 
 
-def _classes(p: Plan) -> List[str]:
+def _classes(p: Plan) -> list[str]:
     present = {tensor_class(k) for r in p.layers[:1] for k in r.t}
     return [c for c in CLASSES if c in present]
 
 
-def _by_class(values: Dict[str, float], cls: str) -> str:
+def _by_class(values: dict[str, float], cls: str) -> str:
     return "/".join(f"{v:.4g}" for v in sorted({v for k, v in values.items() if tensor_class(k) == cls}))
 
 
@@ -63,8 +70,8 @@ def table(p: Plan) -> str:
     ]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
 
-    def fmt(row: List[str]) -> str:
-        return "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip()
+    def fmt(row: list[str]) -> str:
+        return "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
 
     lines = [
         f"partition_slerp plan: {p.num_layers} layers of {p.stack} in {p.bins} bins, seed {p.seed}",
@@ -77,7 +84,7 @@ def table(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def heatmap(p: Plan, path: Optional[str] = None):
+def heatmap(p: Plan, path: str | None = None):
     """Layer x donor heatmap of the non-attention t; × marks drop_rate > 0.
 
     With a path the figure is drawn off-screen (no pyplot, no backend switch) and
@@ -102,7 +109,7 @@ def heatmap(p: Plan, path: Optional[str] = None):
         grid[r.donor_index, r.layer] = max(main)
         dropped[r.donor_index, r.layer] = max(r.drop_rate.values(), default=0)
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    for d, layer in zip(*np.nonzero(dropped > 0)):
+    for d, layer in zip(*np.nonzero(dropped > 0), strict=True):
         # dark mark on the bright (yellow) end of viridis, light elsewhere
         ax.text(layer, d, "×", ha="center", va="center", color="black" if grid[d, layer] > 0.6 else "white", fontsize=8)
     labels = [os.path.basename(x.rstrip("/")) if os.path.isabs(x) or x.startswith(".") else x for x in p.donors]

@@ -14,7 +14,7 @@ Errors are ConfigError (before anything is written) or MergeError (during the me
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import fcntl
 import json
 import os
@@ -22,8 +22,9 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 from mergekit_partition_slerp import __version__
 from mergekit_partition_slerp.checkpoint import tensor_sizes
@@ -39,15 +40,15 @@ MERGE_MARKER = "mergekit_config.yml"  # mergekit writes it into every merge it f
 class RunResult:
     out_path: str
     seconds: float
-    bytes_read: Optional[int]  # None when some input is not a local safetensors checkpoint
+    bytes_read: int | None  # None when some input is not a local safetensors checkpoint
     output_bytes: int
-    notes: List[str] = field(default_factory=list)  # what was cleaned up on the way
+    notes: list[str] = field(default_factory=list)  # what was cleaned up on the way
 
 
 # ---------------------------------------------------------------- input checks
 
 
-def local_model_dirs(p: Plan) -> List[Tuple[str, str]]:
+def local_model_dirs(p: Plan) -> list[tuple[str, str]]:
     """(as written, directory) of every input that is a local directory."""
     out = []
     tokenizer = p.raw.get("tokenizer") or {}
@@ -59,7 +60,7 @@ def local_model_dirs(p: Plan) -> List[Tuple[str, str]]:
     return out
 
 
-def check_pickle(p: Plan, allow: bool) -> List[str]:
+def check_pickle(p: Plan, allow: bool) -> list[str]:
     """Pickle checkpoints can run code when loaded: opt-in, and always said. Returns warnings."""
     warnings = []
     for model, path in local_model_dirs(p):
@@ -99,7 +100,7 @@ def check_weights(p: Plan) -> None:
             raise ConfigError(f"model {model}: {error}; re-download or re-save that checkpoint.") from None
 
 
-def bytes_to_read(p: Plan) -> Optional[int]:
+def bytes_to_read(p: Plan) -> int | None:
     """Bytes of the tensors the compiled recipe names: each layer from the base and its donor,
     the rest from the base. None when an input is not a local safetensors checkpoint."""
     sizes = {}
@@ -134,7 +135,7 @@ def _describe_contents(path: str) -> str:
     return f"it holds {shown}"
 
 
-def merge_output_problem(path: str) -> Optional[str]:
+def merge_output_problem(path: str) -> str | None:
     """Why the existing directory `path` is not something a merge tool may replace, or None.
 
     Replaceable: empty, or a finished merge (mergekit's mergekit_config.yml beside plain files
@@ -151,7 +152,7 @@ def merge_output_problem(path: str) -> Optional[str]:
     return None
 
 
-def check_output(out: str, protected: List[Tuple[str, str]], force: bool) -> Optional[os.stat_result]:
+def check_output(out: str, protected: list[tuple[str, str]], force: bool) -> os.stat_result | None:
     """Refuse an OUT that could destroy something; returns the stat of an OUT to be replaced.
 
     protected: (label, path) of the recipe and every local input.
@@ -194,7 +195,7 @@ class OutputLock:
     def __init__(self, out_abs: str):
         parent, name = os.path.split(out_abs)
         self.path = os.path.join(parent, f".{name}.lock")
-        self.fd: Optional[int] = None
+        self.fd: int | None = None
 
     def __enter__(self) -> OutputLock:
         while True:
@@ -225,10 +226,8 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
             os.close(self.fd)
             self.fd = None
 
@@ -250,7 +249,7 @@ def _boot_id() -> str:
         return ""
 
 
-def _process_start(pid: int) -> Optional[str]:
+def _process_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (tells a reused pid apart)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -259,12 +258,18 @@ def _process_start(pid: int) -> Optional[str]:
         return None
 
 
-def _owner() -> Dict[str, Any]:
+def _owner() -> dict[str, Any]:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "boot": _boot_id(), "start": _process_start(pid), "time": time.time()}
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "boot": _boot_id(),
+        "start": _process_start(pid),
+        "time": time.time(),
+    }
 
 
-def _alive(owner: Dict[str, Any]) -> bool:
+def _alive(owner: dict[str, Any]) -> bool:
     if owner.get("boot") and owner["boot"] != _boot_id():
         return False
     try:
@@ -285,7 +290,7 @@ def partials(out_abs: str) -> Iterator[str]:
             yield os.path.join(parent, entry)
 
 
-def remove_stale_partials(out_abs: str) -> List[str]:
+def remove_stale_partials(out_abs: str) -> list[str]:
     """Remove partial directories of runs that died (called under the lock). Returns notes."""
     notes = []
     for path in partials(out_abs):
@@ -316,10 +321,8 @@ def _claim_and_rename(src: str, dst: str) -> None:
     try:
         os.rename(src, dst)
     except OSError:
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(dst)  # only if still empty
-        except OSError:
-            pass
         raise
 
 
@@ -407,7 +410,7 @@ def _write_record(p: Plan, compiled: str, merged: str) -> None:
             )
 
 
-def _publish(merged: str, out_abs: str, replaced: Optional[os.stat_result], work: str) -> None:
+def _publish(merged: str, out_abs: str, replaced: os.stat_result | None, work: str) -> None:
     """Move the finished merge to OUT, replacing only the directory checked at the start."""
     if replaced is not None:
         now = os.lstat(out_abs) if os.path.lexists(out_abs) else None
@@ -420,10 +423,8 @@ def _publish(merged: str, out_abs: str, replaced: Optional[os.stat_result], work
         raise _kept_aside(merged, out_abs, "appeared while the merge ran (this run did not create it)") from None
     except OSError as error:
         if replaced is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.rename(os.path.join(work, "replaced"), out_abs)  # put the old merge back
-            except OSError:
-                pass
         raise _kept_aside(merged, out_abs, f"could not be written ({error.strerror})") from None
 
 
@@ -448,4 +449,3 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
-
