@@ -355,7 +355,10 @@ def run(p: Plan, out: str, merge_options: Any, force: bool = False) -> RunResult
             start = time.perf_counter()
             # merge into .OUT.partial-*/OUT: mergekit titles the model card after the directory's name
             merged = os.path.join(work, name)
-            _merge(p, compiled, merged, merge_options)
+            try:
+                _merge(p, compiled, merged, merge_options)
+            except MergeError as error:
+                raise MergeError(f"{error} Nothing was written to {out_abs}.") from error.__cause__
             seconds = time.perf_counter() - start
             _publish(merged, out_abs, replaced, work)
         finally:
@@ -372,12 +375,10 @@ def _merge(p: Plan, compiled: str, merged: str, merge_options: Any) -> None:
     merge_config = MergeConfiguration.model_validate(yaml.safe_load(compiled))
     try:
         run_merge(merge_config, merged, options=merge_options, config_source=p.source_text)
-    except (KeyboardInterrupt, MergeError):
-        raise
-    except Exception as error:
+        _write_record(p, compiled, merged)
+    except Exception as error:  # mergekit's errors, a full disk, a NaN in a checkpoint
         lines = str(error).strip().splitlines()
         raise MergeError(f"the merge failed: {lines[0] if lines else type(error).__name__}") from error
-    _write_record(p, compiled, merged)
 
 
 def _write_record(p: Plan, compiled: str, merged: str) -> None:
