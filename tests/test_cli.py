@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN
+from helpers import BIN
 from mergekit_partition_slerp.family import load_state_dict
-from mergekit_partition_slerp.partition import layer_bins
-from reference import check_merge, eleusis_like, write_config
+from helpers import ref_layer_bins as layer_bins  # the independent reference, pinned in test_partition.py
+from helpers import check_merge, eleusis_like, write_config
 
 CLI = os.path.join(BIN, "mergekit-partition")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -4,8 +4,7 @@ import os
 
 import yaml
 
-from conftest import mergekit_yaml
-from reference import check_merge, eleusis_like, write_config
+from helpers import check_merge, eleusis_like, mergekit_yaml, write_config
 
 LAYERS = 8
 

@@ -8,9 +8,16 @@ import pytest
 import torch
 
 from mergekit.merge_methods import merge_state_dicts, merge_tensors
-from mergekit_partition_slerp.family import load_state_dict
-from mergekit_partition_slerp.partition import layer_bins
-from conftest import assert_close_to_ref, ref_slerp64
+from helpers import (
+    assert_close_to_ref,
+    check_merge,
+    eleusis_like,
+    load_state_dict,
+    mergekit_yaml,
+    ref_layer_bins,
+    ref_slerp64,
+    write_config,
+)
 
 
 def rand(*shape, seed=0):
@@ -27,7 +34,7 @@ def test_single_donor_matches_mergekit_slerp():
 def test_gradient_lists_use_mergekit_interpolation_and_partition():
     a, b, c = rand(16, 8), rand(16, 8, seed=1), rand(16, 8, seed=2)
     L, seed = 6, 4
-    bins = layer_bins("model.layers", L, 2, seed)
+    bins = ref_layer_bins("model.layers", L, 2, seed)
     for layer in range(L):
         name = f"model.layers.{layer}.mlp.up_proj.weight"
         out = merge_tensors(
@@ -76,12 +83,11 @@ def test_nan_in_donor_names_model_and_tensor():
 
 
 def test_merge_state_dicts_matches_yaml_path(family, tmp_path):
-    from conftest import mergekit_yaml
-    from reference import eleusis_like, write_config
-
     cfg = eleusis_like(family, alias=False, bins=4, seed=2)
-    proc = mergekit_yaml(write_config(tmp_path / "r.yml", cfg), tmp_path / "out")
+    path = write_config(tmp_path / "r.yml", cfg)
+    proc = mergekit_yaml(path, tmp_path / "out")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    check_merge(path, str(tmp_path / "out"), 8)  # the YAML path against the float64 reference
     yaml_out = load_state_dict(str(tmp_path / "out"))
     sds = {"base": load_state_dict(family["base"])}
     for k in range(4):

@@ -10,10 +10,8 @@ import sys
 import pytest
 import torch
 
-from conftest import mergekit_yaml
 from mergekit_partition_slerp.family import load_state_dict, write_checkpoint
-from reference import check_merge, eleusis_like, write_config
-from test_cli import ENV, cli
+from helpers import ENV, check_merge, cli, eleusis_like, mergekit_yaml, write_config
 
 
 def clone(family, key, tmp_path, name=None):
