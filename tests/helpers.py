@@ -15,6 +15,7 @@ the package, so a test never checks the code under test against itself:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -86,7 +87,7 @@ def ref_slerp64(a: torch.Tensor, b: torch.Tensor, t: float, rowwise: bool = Fals
     """DESIGN §3.5 in float64, one row (or the whole tensor) at a time."""
     a64, b64 = a.double(), b.double()
     if rowwise and a.ndim >= 2:
-        return torch.stack([ref_slerp64(x, y, t) for x, y in zip(a64, b64)])
+        return torch.stack([ref_slerp64(x, y, t) for x, y in zip(a64, b64, strict=True)])
     x, y = a64.flatten(), b64.flatten()
     na, nb = x.norm().item(), y.norm().item()
     if na < 1e-8 or nb < 1e-8:
@@ -188,15 +189,17 @@ def ref_plan(cfg, num_layers: int) -> list[dict]:
         pos = layer / (num_layers - 1) if num_layers > 1 else 1.0
         k = bins[layer] % len(donors)
         names = {s: f"{STACK}.{layer}.{s}" for s in MISTRAL_LAYER_TENSORS}
-        rows.append({
-            "layer": layer,
-            "bin": bins[layer],
-            "donor_index": k,
-            "entry": donors[k],
-            "position": pos,
-            "t": {s: param(cfg, donors[k], "t", n, pos) for s, n in names.items()},
-            "drop_rate": {s: param(cfg, donors[k], "drop_rate", n, pos, 0.0) for s, n in names.items()},
-        })
+        rows.append(
+            {
+                "layer": layer,
+                "bin": bins[layer],
+                "donor_index": k,
+                "entry": donors[k],
+                "position": pos,
+                "t": {s: param(cfg, donors[k], "t", n, pos) for s, n in names.items()},
+                "drop_rate": {s: param(cfg, donors[k], "drop_rate", n, pos, 0.0) for s, n in names.items()},
+            }
+        )
     return rows
 
 
@@ -218,8 +221,7 @@ def load_state_dict(path: str):
 
 def check_merge(cfg_path: str, out_dir: str, num_layers: int):
     """Assert every tensor in out_dir against the reference. Returns {layer: donor index}."""
-    with open(cfg_path) as f:
-        cfg = yaml.safe_load(f)
+    cfg = read_yaml(cfg_path)
     base = load_state_dict(strip_alias(cfg["base_model"]))
     donors = [m for m in cfg["models"] if m["model"] != cfg["base_model"]]
     donor_sd = {}
@@ -276,3 +278,21 @@ def mergekit_yaml(config_path, out_path, *extra):
 def cli(*args, **kw):
     """The installed `mergekit-partition` console script in a subprocess."""
     return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, env=ENV, **kw)
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_text(path) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_yaml(path):
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)

@@ -5,9 +5,10 @@ name before `.{i}.`"; in memory, "the first dot-separated integer component").
 """
 
 import pytest
-from helpers import MISTRAL_LAYER_TENSORS, MISTRAL_NON_LAYER
 
 from mergekit_partition_slerp.layers import LayerError, LayerInfo, layer_from_name, locate, stack_key
+
+from helpers import MISTRAL_LAYER_TENSORS, MISTRAL_NON_LAYER
 
 
 @pytest.mark.parametrize(
@@ -153,7 +154,9 @@ def test_locate_model_reference_unknown_architecture(tmp_path):
 
     from mergekit.common import ModelReference
 
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchModelForCausalLM"], "model_type": "llama"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["NoSuchModelForCausalLM"], "model_type": "llama"})
+    )
     ref = ModelReference.parse(str(tmp_path))
     with pytest.raises(LayerError, match="NoSuchModelForCausalLM") as error:
         locate("model.layers.0.mlp.up_proj.weight", ref, None)

@@ -2,12 +2,21 @@
 
 import numpy as np
 import pytest
-from helpers import fnv, ref_keep, ref_layer_bins
 
 from mergekit_partition_slerp import partition
 
-ORDER_SEED0_L32 = [5, 3, 22, 13, 26, 4, 8, 24, 17, 27, 30, 7, 14, 25, 2, 29, 18, 15, 31, 6, 16, 20, 11, 19, 12, 10, 23, 28, 1, 0, 9, 21]  # fmt: skip
-BINS_SEED0_L32_B9 = [8, 7, 3, 0, 1, 0, 4, 2, 1, 8, 6, 5, 6, 0, 3, 4, 5, 2, 4, 6, 5, 8, 0, 7, 1, 3, 1, 2, 7, 3, 2, 4]  # fmt: skip
+from helpers import fnv, ref_keep, ref_layer_bins
+
+# fmt: off
+ORDER_SEED0_L32 = [
+    5, 3, 22, 13, 26, 4, 8, 24, 17, 27, 30, 7, 14, 25, 2, 29,
+    18, 15, 31, 6, 16, 20, 11, 19, 12, 10, 23, 28, 1, 0, 9, 21,
+]
+BINS_SEED0_L32_B9 = [
+    8, 7, 3, 0, 1, 0, 4, 2, 1, 8, 6, 5, 6, 0, 3, 4,
+    5, 2, 4, 6, 5, 8, 0, 7, 1, 3, 1, 2, 7, 3, 2, 4,
+]
+# fmt: on
 BINS_SEED7_L8_B3 = [2, 0, 1, 0, 1, 0, 1, 2]
 
 

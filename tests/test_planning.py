@@ -10,9 +10,10 @@ import os
 import shutil
 
 import pytest
-from helpers import MISTRAL_LAYER_TENSORS, MISTRAL_NON_LAYER, eleusis_like, ref_plan, write_config
 
 from mergekit_partition_slerp import ConfigError, plan
+
+from helpers import MISTRAL_LAYER_TENSORS, MISTRAL_NON_LAYER, eleusis_like, ref_plan, write_config
 
 LAYERS = 8  # the session family's depth
 
@@ -28,7 +29,7 @@ def check_against_reference(data, cfg):
     assert data["non_layer"] == MISTRAL_NON_LAYER
     expected = ref_plan(cfg, LAYERS)
     assert [r["layer"] for r in data["layers"]] == list(range(LAYERS))
-    for got, want in zip(data["layers"], expected):
+    for got, want in zip(data["layers"], expected, strict=True):
         where = f"layer {want['layer']}"
         assert (got["bin"], got["donor_index"]) == (want["bin"], want["donor_index"]), where
         assert got["donor"] == want["entry"]["model"], where
@@ -93,7 +94,9 @@ def test_plan_text_table_rows(family):
     assert lines[-1] == "base (bit for bit): " + ", ".join(MISTRAL_NON_LAYER)
     rows = [line.split() for line in lines if line[:1].isdigit()]
     expected = ref_plan(cfg, LAYERS)
-    assert [[int(r[0]), int(r[1]), r[2]] for r in rows] == [[e["layer"], e["bin"], e["entry"]["model"]] for e in expected]
+    assert [[int(r[0]), int(r[1]), r[2]] for r in rows] == [
+        [e["layer"], e["bin"], e["entry"]["model"]] for e in expected
+    ]
 
 
 # ---------------------------------------------------------------- refusals
@@ -112,7 +115,11 @@ def _set(path, value):
 
 BAD = [
     ("typo", _set(["parameters", "drop-rate"], 0.1), r"unknown parameter 'drop-rate' .*Did you mean 'drop_rate'\?"),
-    ("unknown donor key", _set(["models", 0, "parameters", "weight"], 1), r"unknown parameter 'weight' in parameters of "),
+    (
+        "unknown donor key",
+        _set(["models", 0, "parameters", "weight"], 1),
+        r"unknown parameter 'weight' in parameters of ",
+    ),
     ("t out of range", _set(["models", 1, "parameters", "t"], 1.5), r"less than or equal to 1"),
     ("drop 1", _set(["parameters", "drop_rate"], 1.0), r"less than 1"),
     ("negative seed", _set(["parameters", "seed"], -3), r"parameter seed = -3 is invalid"),
@@ -123,7 +130,11 @@ BAD = [
     ("missing base", lambda c: c.pop("base_model"), r"base_model is missing"),
     ("empty models", _set(["models"], []), r"models is missing or empty"),
     ("shared per donor", _set(["models", 0, "parameters", "seed"], 1), r"seed is shared by the whole merge"),
-    ("top-level typo", _set(["tokenizer_sorce"], "base"), r"unknown top-level key 'tokenizer_sorce'.*'tokenizer_source'"),
+    (
+        "top-level typo",
+        _set(["tokenizer_sorce"], "base"),
+        r"unknown top-level key 'tokenizer_sorce'.*'tokenizer_source'",
+    ),
     ("other method", _set(["merge_method"], "slerp"), r"merge_method is 'slerp'"),
     ("slices", _set(["slices"], [{"sources": []}]), r"`slices:`/`modules:` recipes are not supported"),
 ]
@@ -152,7 +163,9 @@ def test_bins_below_donor_count_names_the_unused_donors(family):
 def test_missing_model_directory_is_named(family):
     cfg = eleusis_like(family)
     cfg["models"][2]["model"] = "/nonexistent/model"
-    with pytest.raises(ConfigError, match=r"donor /nonexistent/model points to /nonexistent/model, which does not exist"):
+    with pytest.raises(
+        ConfigError, match=r"donor /nonexistent/model points to /nonexistent/model, which does not exist"
+    ):
         plan(cfg)
 
 
@@ -181,14 +194,18 @@ def test_donor_of_another_shape(family, tmp_path):
 
 def test_donor_of_another_architecture(family, tmp_path):
     odd = _edited_copy(family, "donor2", tmp_path, architectures=["LlamaForCausalLM"], model_type="llama")
-    with pytest.raises(ConfigError, match=rf"donor {odd} is \['LlamaForCausalLM'\] but the base is \['MistralForCausalLM'\]"):
+    with pytest.raises(
+        ConfigError, match=rf"donor {odd} is \['LlamaForCausalLM'\] but the base is \['MistralForCausalLM'\]"
+    ):
         plan(eleusis_like(dict(family, donor2=odd)))
 
 
 def test_vocab_mismatch_needs_a_tokenizer_setting(family, tmp_path):
     odd = _edited_copy(family, "donor1", tmp_path, vocab_size=130)
     cfg = eleusis_like(dict(family, donor1=odd))
-    with pytest.raises(ConfigError, match=rf"donor {odd} has vocab_size 130 but the base has 128; set `tokenizer_source: base`"):
+    with pytest.raises(
+        ConfigError, match=rf"donor {odd} has vocab_size 130 but the base has 128; set `tokenizer_source: base`"
+    ):
         plan(cfg)
     cfg["tokenizer_source"] = "base"
     check_against_reference(plan(cfg).to_dict(), cfg)
