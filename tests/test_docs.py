@@ -191,13 +191,12 @@ def check_png(path: str, min_width: int = 500):
         assert im.width >= min_width and im.height >= 200, (path, im.size)
 
 
-def check_plan_table(text: str, layers: int = None):
+def check_plan_table(text: str, layers: int):
     lines = text.strip().splitlines()
-    assert lines[0].startswith("partition_slerp plan: "), text[:300]
+    assert lines[0].startswith(f"partition_slerp plan: {layers} layers "), text[:300]
     assert lines[-1].startswith("base (bit for bit): "), text[-300:]
-    rows = [line for line in lines if re.match(r"^\d+\s+\d+\s+", line)]
-    if layers is not None:
-        assert len(rows) == layers and lines[0].startswith(f"partition_slerp plan: {layers} layers"), lines[0]
+    rows = [line.split()[:2] for line in lines if re.match(r"^\d+\s+\d+\s+", line)]
+    assert [int(r[0]) for r in rows] == list(range(layers)), text
 
 
 def check_plan_json(data: dict):
@@ -281,7 +280,7 @@ def run_partition(ctx, args, where):
         if "--json" in flags:
             check_plan_json(json.loads(stdout))
         else:
-            check_plan_table(stdout)
+            check_plan_table(stdout, yaml_layers(rest[0]))
         if "--png" in rest:
             check_png(rest[rest.index("--png") + 1])
     elif sub == "compile":
@@ -382,7 +381,9 @@ def check_schema_sample(ctx, text, where):
 
     data = plan("examples/eleusis.yml").to_dict()
     keys = set(data) | set(data["layers"][0]) | set(data["layers"][0]["t"])
-    for key in re.findall(r'"([\w.]+)":', text):
+    named = re.findall(r'"([\w.]+)":', text)
+    assert {"schema", "version", "layers", "t", "drop_rate"} <= set(named), f"{where}: the sample names too few keys"
+    for key in named:
         assert key in keys, f"{where}: schema key {key!r} is not in the plan JSON"
     assert data["layers"][0]["layer"] == 0 and data["non_layer"] == [
         "model.embed_tokens.weight",

@@ -30,6 +30,7 @@ def edit_config(path, **changes):
 
 
 def expect_exit2(tmp_path, cfg, *needles, command="plan", extra=()):
+    before = set(os.listdir(tmp_path)) | {"r.yml"}
     args = (
         [command, write_config(tmp_path / "r.yml", cfg)]
         + ([tmp_path / "out"] if command == "run" else [])
@@ -41,6 +42,7 @@ def expect_exit2(tmp_path, cfg, *needles, command="plan", extra=()):
         assert needle in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") <= 2
     assert not (tmp_path / "out").exists()
+    assert set(os.listdir(tmp_path)) == before, "a refused recipe must leave nothing behind"
 
 
 def test_vocab_mismatch_without_tokenizer_setting(family, tmp_path):
