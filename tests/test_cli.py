@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN
+from helpers import BIN
 from mergekit_partition_slerp.family import load_state_dict
-from mergekit_partition_slerp.partition import layer_bins
-from reference import check_merge, eleusis_like, write_config
+from helpers import ref_layer_bins as layer_bins  # the independent reference, pinned in test_partition.py
+from helpers import check_merge, eleusis_like, write_config
 
 CLI = os.path.join(BIN, "mergekit-partition")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -167,7 +167,7 @@ def test_concurrent_run_is_refused_while_the_first_holds_the_lock(family, tmp_pa
 
 
 def test_mergekit_yaml_over_an_old_run_warns_about_its_partition_record(family, tmp_path):
-    from conftest import mergekit_yaml
+    from helpers import mergekit_yaml
 
     src = write_config(tmp_path / "r.yml", eleusis_like(family))
     assert cli("run", src, tmp_path / "out", "--no-copy-tokenizer").returncode == 0
@@ -229,7 +229,12 @@ def test_run_with_corrupt_donor_leaves_no_output(family, tmp_path):
 
 def test_killed_run_leaves_no_output(family, tmp_path):
     src = write_config(tmp_path / "r.yml", eleusis_like(family))
-    proc = subprocess.Popen([CLI, "run", src, str(tmp_path / "out"), "--no-copy-tokenizer"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [CLI, "run", src, str(tmp_path / "out"), "--no-copy-tokenizer"],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not [p for p in os.listdir(tmp_path) if ".partial" in p]:
         time.sleep(0.02)
@@ -248,10 +253,26 @@ BAD = [
     ("typo", lambda c: c["parameters"].update({"drop-rate": 0.1}), "did you mean 'drop_rate'"),
     ("unknown donor key", lambda c: c["models"][0]["parameters"].update({"weight": 1}), "unknown parameter 'weight'"),
     ("t out of range", lambda c: c["models"][1]["parameters"].update({"t": 1.5}), "t = 1.5 (parameters of models[1]"),
-    ("t not a number", lambda c: c["models"][1]["parameters"].update({"t": "half"}), "t = 'half' (parameters of models[1]"),
-    ("drop 1", lambda c: c["parameters"].update({"drop_rate": 1.0}), "drop_rate = 1.0 (top-level parameters) is out of range: it must be a number in [0, 1)"),
-    ("num_layers wrong", lambda c: c["parameters"].update({"num_layers": 32}), "num_layers = 32 (top-level parameters) does not match"),
-    ("filter without catch-all", lambda c: c["models"][1]["parameters"].update({"t": [{"filter": "mlp", "value": 0.5}]}), "no value of t / drop_rate applies to tensor model.layers."),
+    (
+        "t not a number",
+        lambda c: c["models"][1]["parameters"].update({"t": "half"}),
+        "t = 'half' (parameters of models[1]",
+    ),
+    (
+        "drop 1",
+        lambda c: c["parameters"].update({"drop_rate": 1.0}),
+        "drop_rate = 1.0 (top-level parameters) is out of range: it must be a number in [0, 1)",
+    ),
+    (
+        "num_layers wrong",
+        lambda c: c["parameters"].update({"num_layers": 32}),
+        "num_layers = 32 (top-level parameters) does not match",
+    ),
+    (
+        "filter without catch-all",
+        lambda c: c["models"][1]["parameters"].update({"t": [{"filter": "mlp", "value": 0.5}]}),
+        "no value of t / drop_rate applies to tensor model.layers.",
+    ),
     ("negative seed", lambda c: c["parameters"].update({"seed": -3}), "seed"),
     ("bins 0", lambda c: c["parameters"].update({"bins": 0}), "bins"),
     ("bins > layers", lambda c: c["parameters"].update({"bins": 9}), "only 8 layers"),
@@ -297,7 +318,12 @@ def test_demo_builds_a_model_that_generates(tmp_path, monkeypatch):
     merged = tmp_path / "demo" / "merged"
     text = (tmp_path / "demo" / "eleusis-demo.yml").read_text()
     # written as a person would: named anchors, relative paths, no absolute path of this machine
-    assert "&input" in text and "*output" in text and "id001" not in text and str(tmp_path) not in text.split("merge_method")[1]
+    assert (
+        "&input" in text
+        and "*output" in text
+        and "id001" not in text
+        and str(tmp_path) not in text.split("merge_method")[1]
+    )
     monkeypatch.chdir(tmp_path / "demo")  # the recipe's paths are relative to its folder
     assert (merged / "partition.json").exists()
     from transformers import AutoModelForCausalLM, AutoTokenizer

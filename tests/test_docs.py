@@ -36,6 +36,8 @@ import pytest
 import torch
 import yaml
 
+from helpers import read_json, read_text, read_yaml
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 DOCS = ["README.md", "docs/cookbook.md", "docs/faq.md"]
 LAYERS = 32
@@ -95,7 +97,9 @@ class StandIns:
 
     def local(self, hub: str) -> str:
         if hub not in self.map:
-            assert len(self.map) < len(self.pool), f"the docs name more hub models than there are stand-ins; raise the pool size (at {hub})"
+            assert len(self.map) < len(self.pool), (
+                f"the docs name more hub models than there are stand-ins; raise the pool size (at {hub})"
+            )
             self.map[hub] = self.pool[len(self.map)]
         return self.map[hub]
 
@@ -125,7 +129,13 @@ class StandIns:
 def stand_ins(tmp_path_factory):
     from mergekit_partition_slerp.family import Shape, build_family
 
-    paths = build_family(str(tmp_path_factory.mktemp("stand-ins")), donors=7, shape=Shape(num_hidden_layers=LAYERS), seed=11, tokenizer=True)
+    paths = build_family(
+        str(tmp_path_factory.mktemp("stand-ins")),
+        donors=7,
+        shape=Shape(num_hidden_layers=LAYERS),
+        seed=11,
+        tokenizer=True,
+    )
     return StandIns(paths.values())
 
 
@@ -182,13 +192,12 @@ def check_png(path: str, min_width: int = 500):
         assert im.width >= min_width and im.height >= 200, (path, im.size)
 
 
-def check_plan_table(text: str, layers: int = None):
+def check_plan_table(text: str, layers: int):
     lines = text.strip().splitlines()
-    assert lines[0].startswith("partition_slerp plan: "), text[:300]
+    assert lines[0].startswith(f"partition_slerp plan: {layers} layers "), text[:300]
     assert lines[-1].startswith("base (bit for bit): "), text[-300:]
-    rows = [l for l in lines if re.match(r"^\d+\s+\d+\s+", l)]
-    if layers is not None:
-        assert len(rows) == layers and lines[0].startswith(f"partition_slerp plan: {layers} layers"), lines[0]
+    rows = [line.split()[:2] for line in lines if re.match(r"^\d+\s+\d+\s+", line)]
+    assert [int(r[0]) for r in rows] == list(range(layers)), text
 
 
 def check_plan_json(data: dict):
@@ -200,21 +209,25 @@ def check_plan_json(data: dict):
 
 
 def check_merged(folder: str, config: str, ctx) -> None:
-    """A complete model: config, every tensor of the base, loadable by transformers; same bits as any earlier merge of the same recipe."""
+    """A complete model: config, every tensor of the base, loadable by transformers.
+
+    Also the same bits as any earlier merge of the same recipe in this document.
+    """
     from transformers import AutoModelForCausalLM
 
     assert os.path.exists(os.path.join(folder, "config.json")), f"{folder} has no config.json"
     out = weights(folder)
-    base = yaml.safe_load(open(config))["base_model"].split("@")[0]
+    recipe_data = read_yaml(config)
+    base = recipe_data["base_model"].split("@")[0]
     if base.startswith("./"):  # the demo's recipe: paths relative to its own folder
         base = os.path.join(os.path.dirname(config), base)
     expected = weights(base)
     assert set(out) == set(expected)
     for k in out:  # with tokenizer_source, mergekit sizes the vocabulary tensors to the tokenizer
-        vocab = k in ("model.embed_tokens.weight", "lm_head.weight") and "tokenizer_source" in yaml.safe_load(open(config))
+        vocab = k in ("model.embed_tokens.weight", "lm_head.weight") and "tokenizer_source" in recipe_data
         assert out[k].shape[vocab:] == expected[k].shape[vocab:], (k, out[k].shape, expected[k].shape)
     model = AutoModelForCausalLM.from_pretrained(folder)
-    assert model.config.num_hidden_layers == json.load(open(os.path.join(base, "config.json")))["num_hidden_layers"]
+    assert model.config.num_hidden_layers == read_json(os.path.join(base, "config.json"))["num_hidden_layers"]
     with open(config, "rb") as f:
         recipe = hashlib.sha256(f.read()).hexdigest()
     digest = tensors_sha256(out)
@@ -246,7 +259,11 @@ def invoke(command, args, where):
     if result.exit_code != 0:
         import traceback
 
-        tb = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info and result.exception and not isinstance(result.exception, SystemExit) else ""
+        tb = (
+            "".join(traceback.format_exception(*result.exc_info))
+            if result.exc_info and result.exception and not isinstance(result.exception, SystemExit)
+            else ""
+        )
         pytest.fail(f"{where}: exit code {result.exit_code}\n{result.output[-3000:]}\n{tb}")
     return result
 
@@ -266,22 +283,24 @@ def run_partition(ctx, args, where):
         if "--json" in flags:
             check_plan_json(json.loads(stdout))
         else:
-            check_plan_table(stdout)
+            check_plan_table(stdout, yaml_layers(rest[0]))
         if "--png" in rest:
             check_png(rest[rest.index("--png") + 1])
     elif sub == "compile":
         target = rest[rest.index("-o") + 1] if "-o" in rest else None
-        text = open(target).read() if target else stdout
+        text = read_text(target) if target else stdout
         compiled = yaml.safe_load(text)
         assert text.startswith("# Compiled by mergekit-partition")
         assert all(len(s["sources"]) == 2 for s in compiled["slices"])
         assert len(compiled["slices"]) == yaml_layers(rest[0])
     elif sub == "run":
         config, out = rest[0], rest[1]
-        record = json.load(open(os.path.join(out, "partition.json")))
+        record = read_json(os.path.join(out, "partition.json"))
         check_plan_json(record)
         assert set(record["versions"]) >= {"mergekit-partition-slerp", "mergekit", "torch", "numpy"}
-        assert os.path.exists(os.path.join(out, "mergekit_config.yml")) and os.path.exists(os.path.join(out, "mergekit_partition_compiled.yml"))
+        assert os.path.exists(os.path.join(out, "mergekit_config.yml")) and os.path.exists(
+            os.path.join(out, "mergekit_partition_compiled.yml")
+        )
         check_merged(out, config, ctx)
     elif sub == "demo":
         out = rest[0] if rest and not rest[0].startswith("-") else "partition-slerp-demo"
@@ -295,8 +314,8 @@ def run_partition(ctx, args, where):
 
 
 def yaml_layers(config: str) -> int:
-    base = yaml.safe_load(open(config))["base_model"].split("@")[0]
-    return json.load(open(os.path.join(base, "config.json")))["num_hidden_layers"]
+    base = read_yaml(config)["base_model"].split("@")[0]
+    return read_json(os.path.join(base, "config.json"))["num_hidden_layers"]
 
 
 def run_mergekit_yaml(ctx, args, where):
@@ -308,7 +327,9 @@ def run_mergekit_yaml(ctx, args, where):
 
 
 def run_make_figures(ctx, args, where):
-    assert args[:2] == ["python", "examples/make_figures.py"], f"{where}: no handler for `{' '.join(args)}`; add one or list it in SKIPPED"
+    assert args[:2] == ["python", "examples/make_figures.py"], (
+        f"{where}: no handler for `{' '.join(args)}`; add one or list it in SKIPPED"
+    )
     out = ctx.figures(tuple(args[2:]))
     for name in ("eleusis-plan.png", "one-layer.png"):
         check_png(os.path.join(out, name), min_width=1000)
@@ -344,7 +365,9 @@ def eleusis_plan_with_hub_names(ctx):
 
 def check_plan_sample(ctx, text, where):
     """A quoted plan table: every line shown is a line of the real output, in order."""
-    assert text.startswith("partition_slerp plan: 32 layers of model.layers in 9 bins, seed 0"), f"{where}: only Eleusis samples are checked"
+    assert text.startswith("partition_slerp plan: 32 layers of model.layers in 9 bins, seed 0"), (
+        f"{where}: only Eleusis samples are checked"
+    )
     actual = str(eleusis_plan_with_hub_names(ctx)).splitlines()
     at = 0
     for line in text.rstrip("\n").splitlines():
@@ -360,16 +383,22 @@ def check_schema_sample(ctx, text, where):
 
     data = plan("examples/eleusis.yml").to_dict()
     keys = set(data) | set(data["layers"][0]) | set(data["layers"][0]["t"])
-    for key in re.findall(r'"([\w.]+)":', text):
+    named = re.findall(r'"([\w.]+)":', text)
+    assert {"schema", "version", "layers", "t", "drop_rate"} <= set(named), f"{where}: the sample names too few keys"
+    for key in named:
         assert key in keys, f"{where}: schema key {key!r} is not in the plan JSON"
-    assert data["layers"][0]["layer"] == 0 and data["non_layer"] == ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    assert data["layers"][0]["layer"] == 0 and data["non_layer"] == [
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]
 
 
 def duplicate_donor_error(ctx):
     """cookbook §5: two-roles.yml with the symlinked entry replaced by a plain duplicate."""
     from mergekit_partition_slerp.planning import ConfigError, build_plan
 
-    recipe = yaml.safe_load(open("two-roles.yml"))
+    recipe = read_yaml("two-roles.yml")
     recipe["models"][2]["model"] = recipe["models"][1]["model"]
     with pytest.raises(ConfigError) as error:
         build_plan(recipe)
@@ -391,8 +420,11 @@ def vocab_mismatch_error(ctx):
         os.makedirs(paths[hub])
         with open(os.path.join(paths[hub], "config.json"), "w") as f:
             json.dump({**figures.MISTRAL_7B, "vocab_size": vocab}, f)
-    recipe = {"merge_method": "partition_slerp", "base_model": paths["mistralai/Mistral-7B-v0.1"],
-              "models": [{"model": paths["teknium/OpenHermes-2.5-Mistral-7B"], "parameters": {"t": 0.5}}]}
+    recipe = {
+        "merge_method": "partition_slerp",
+        "base_model": paths["mistralai/Mistral-7B-v0.1"],
+        "models": [{"model": paths["teknium/OpenHermes-2.5-Mistral-7B"], "parameters": {"t": 0.5}}],
+    }
     with pytest.raises(ConfigError) as error:
         build_plan(recipe)
     message = f"error: {error.value}"
@@ -439,12 +471,12 @@ def run_block(ctx, tag, line, text):
     elif tag == "yaml":
         first = text.splitlines()[0]
         if first.startswith("# file: "):
-            name = first[len("# file: "):].strip()
+            name = first[len("# file: ") :].strip()
             with open(name, "w") as f:
                 f.write(ctx.stand_ins.swap(text, ctx.cwd))
-            assert yaml.safe_load(open(name))["merge_method"] == "partition_slerp"
+            assert read_yaml(name)["merge_method"] == "partition_slerp"
         elif first.startswith("# from: "):
-            source = open(os.path.join(REPO, first[len("# from: "):].strip())).read()
+            source = read_text(os.path.join(REPO, first[len("# from: ") :].strip()))
             excerpt = text.split("\n", 1)[1]
             assert excerpt in source, f"{where}: not a verbatim excerpt of {first[8:]}"
         else:
@@ -465,8 +497,13 @@ def figures(tmp_path_factory):
     def make(args=()):
         if args not in done:
             out = str(tmp_path_factory.mktemp("images"))
-            proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "make_figures.py"), *args, "--out", out],
-                                  capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}, cwd=REPO)
+            proc = subprocess.run(
+                [sys.executable, os.path.join(REPO, "examples", "make_figures.py"), *args, "--out", out],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"},
+                cwd=REPO,
+            )
             assert proc.returncode == 0, proc.stderr[-3000:]
             assert proc.stdout.count("wrote ") == 2, proc.stdout
             done[args] = out

@@ -2,10 +2,7 @@
 
 import os
 
-import yaml
-
-from conftest import mergekit_yaml
-from reference import check_merge, eleusis_like, write_config
+from helpers import check_merge, eleusis_like, mergekit_yaml, read_yaml, write_config
 
 LAYERS = 8
 
@@ -35,10 +32,12 @@ def test_eleusis_example_on_local_stand_ins(tmp_path_factory, tmp_path):
     from mergekit_partition_slerp.family import Shape, build_family
 
     here = os.path.dirname(__file__)
-    cfg = yaml.safe_load(open(os.path.join(here, "..", "examples", "eleusis.yml")))
+    cfg = read_yaml(os.path.join(here, "..", "examples", "eleusis.yml"))
     hub_ids = sorted({m["model"].split("@")[0] for m in cfg["models"]} | {cfg["base_model"]})
-    fam = build_family(str(tmp_path_factory.mktemp("eleusis")), donors=len(hub_ids) - 1, shape=Shape(num_hidden_layers=10), seed=5)
-    local = dict(zip([cfg["base_model"]] + [h for h in hub_ids if h != cfg["base_model"]], fam.values()))
+    fam = build_family(
+        str(tmp_path_factory.mktemp("eleusis")), donors=len(hub_ids) - 1, shape=Shape(num_hidden_layers=10), seed=5
+    )
+    local = dict(zip([cfg["base_model"]] + [h for h in hub_ids if h != cfg["base_model"]], fam.values(), strict=True))
     cfg["base_model"] = local[cfg["base_model"]]
     for m in cfg["models"]:
         hub, _, rev = m["model"].partition("@")

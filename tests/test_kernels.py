@@ -6,7 +6,7 @@ import torch
 from mergekit.merge_methods import merge_tensors
 from mergekit.merge_methods.slerp import slerp as mk_slerp_kernel
 from mergekit_partition_slerp import kernels, partition
-from conftest import assert_close_to_ref, bf16_ulp, ref_keep, ref_slerp64
+from helpers import assert_close_to_ref, bf16_ulp, ref_keep, ref_slerp64
 
 
 def pair(shape, dtype=torch.bfloat16, noise=0.3, seed=0):

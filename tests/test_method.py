@@ -6,11 +6,18 @@ import sys
 
 import pytest
 import torch
-
 from mergekit.merge_methods import merge_state_dicts, merge_tensors
-from mergekit_partition_slerp.family import load_state_dict
-from mergekit_partition_slerp.partition import layer_bins
-from conftest import assert_close_to_ref, ref_slerp64
+
+from helpers import (
+    assert_close_to_ref,
+    check_merge,
+    eleusis_like,
+    load_state_dict,
+    mergekit_yaml,
+    ref_layer_bins,
+    ref_slerp64,
+    write_config,
+)
 
 
 def rand(*shape, seed=0):
@@ -19,7 +26,13 @@ def rand(*shape, seed=0):
 
 def test_single_donor_matches_mergekit_slerp():
     a, b = rand(64, 32), rand(64, 32, seed=1)
-    ours = merge_tensors([a, b], "partition_slerp", parameters={"t": 0.5, "num_layers": 1}, base_index=0, name="model.layers.0.mlp.up_proj.weight")
+    ours = merge_tensors(
+        [a, b],
+        "partition_slerp",
+        parameters={"t": 0.5, "num_layers": 1},
+        base_index=0,
+        name="model.layers.0.mlp.up_proj.weight",
+    )
     theirs = merge_tensors([a, b], "slerp", parameters={"t": 0.5}, base_index=0)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
@@ -27,11 +40,14 @@ def test_single_donor_matches_mergekit_slerp():
 def test_gradient_lists_use_mergekit_interpolation_and_partition():
     a, b, c = rand(16, 8), rand(16, 8, seed=1), rand(16, 8, seed=2)
     L, seed = 6, 4
-    bins = layer_bins("model.layers", L, 2, seed)
+    bins = ref_layer_bins("model.layers", L, 2, seed)
     for layer in range(L):
         name = f"model.layers.{layer}.mlp.up_proj.weight"
         out = merge_tensors(
-            [a, b, c], "partition_slerp", base_index=0, name=name,
+            [a, b, c],
+            "partition_slerp",
+            base_index=0,
+            name=name,
             parameters={"t": {1: [1, 0], 2: [0.2, 0.6, 1.0]}, "num_layers": L, "seed": seed},
         )
         pos = layer / (L - 1)
@@ -47,7 +63,9 @@ def test_gradient_lists_use_mergekit_interpolation_and_partition():
 
 def test_non_layer_tensor_is_the_base_bit_for_bit():
     a, b = rand(10, 4).bfloat16(), rand(10, 4, seed=1).bfloat16()
-    out = merge_tensors([a, b], "partition_slerp", parameters={"t": 0.7}, base_index=0, name="model.embed_tokens.weight")
+    out = merge_tensors(
+        [a, b], "partition_slerp", parameters={"t": 0.7}, base_index=0, name="model.embed_tokens.weight"
+    )
     assert torch.equal(out.view(torch.int16), a.view(torch.int16))
 
 
@@ -72,16 +90,22 @@ def test_nan_in_donor_names_model_and_tensor():
     a, b = rand(4, 4), rand(4, 4, seed=1)
     b[1, 1] = float("inf")
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight of donor model donor-x"):
-        merge_tensors([a, b], "partition_slerp", ids=["base", "donor-x"], parameters={"t": 0.5, "num_layers": 1}, base_index=0, name="model.layers.0.mlp.up_proj.weight")
+        merge_tensors(
+            [a, b],
+            "partition_slerp",
+            ids=["base", "donor-x"],
+            parameters={"t": 0.5, "num_layers": 1},
+            base_index=0,
+            name="model.layers.0.mlp.up_proj.weight",
+        )
 
 
 def test_merge_state_dicts_matches_yaml_path(family, tmp_path):
-    from conftest import mergekit_yaml
-    from reference import eleusis_like, write_config
-
     cfg = eleusis_like(family, alias=False, bins=4, seed=2)
-    proc = mergekit_yaml(write_config(tmp_path / "r.yml", cfg), tmp_path / "out")
+    path = write_config(tmp_path / "r.yml", cfg)
+    proc = mergekit_yaml(path, tmp_path / "out")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    check_merge(path, str(tmp_path / "out"), 8)  # the YAML path against the float64 reference
     yaml_out = load_state_dict(str(tmp_path / "out"))
     sds = {"base": load_state_dict(family["base"])}
     for k in range(4):
@@ -93,10 +117,14 @@ def test_merge_state_dicts_matches_yaml_path(family, tmp_path):
     for name in sds["base"]:
         t = [t_attn] * 4 if "self_attn" in name else [[0, 1], [1, 0], [0, 1], [1, 0]]
         p = 0.28 if "self_attn" in name else 0.0
-        out.update(merge_state_dicts(
-            {k: {name: sd[name]} for k, sd in sds.items()}, "partition_slerp", base="base",
-            parameters={"t": t, "drop_rate": p, "bins": 4, "seed": 2, "num_layers": 8},
-        ))
+        out.update(
+            merge_state_dicts(
+                {k: {name: sd[name]} for k, sd in sds.items()},
+                "partition_slerp",
+                base="base",
+                parameters={"t": t, "drop_rate": p, "bins": 4, "seed": 2, "num_layers": 8},
+            )
+        )
     for name, x in yaml_out.items():
         assert torch.equal(out[name].view(torch.int16), x.view(torch.int16)), name
     for k, sd in sds.items():  # inputs never mutated
@@ -113,7 +141,11 @@ def test_plain_mergekit_finds_method_without_import():
 
 
 def test_startup_imports_neither_torch_nor_mergekit():
-    proc = run_py("import sys; print(any(m.split('.')[0] in ('torch', 'mergekit', 'numpy') for m in sys.modules), 'mergekit_partition_slerp._autoload' in sys.modules)")
+    proc = run_py(
+        "import sys\n"
+        "print(any(m.split('.')[0] in ('torch', 'mergekit', 'numpy') for m in sys.modules),"
+        " 'mergekit_partition_slerp._autoload' in sys.modules)"
+    )
     assert proc.stdout.split() == ["False", "True"], proc.stderr
 
 
@@ -146,7 +178,12 @@ def test_import_package_registers_and_twice_is_harmless():
 
 
 def test_method_module_imported_first_still_registers():
-    proc = run_py("import mergekit_partition_slerp.method\nfrom mergekit.merge_methods import get\nget('partition_slerp')\nprint('ok')")
+    proc = run_py(
+        "import mergekit_partition_slerp.method\n"
+        "from mergekit.merge_methods import get\n"
+        "get('partition_slerp')\n"
+        "print('ok')"
+    )
     assert proc.stdout.strip() == "ok", proc.stderr
 
 

@@ -23,10 +23,15 @@ def _kernel_of_this_interpreter(root) -> str:
     """A kernelspec that runs sys.executable, so the notebook sees the installed package."""
     spec = root / "kernels" / "partition-slerp-test"
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "partition-slerp test", "language": "python",
-    }))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "partition-slerp test",
+                "language": "python",
+            }
+        )
+    )
     return "partition-slerp-test"
 
 
@@ -37,13 +42,20 @@ def _text(output) -> str:
 
 
 def test_notebook_runs(tmp_path, monkeypatch):
-    for var, sub in (("JUPYTER_PATH", "."), ("JUPYTER_RUNTIME_DIR", "runtime"), ("IPYTHONDIR", "ipython"), ("MPLCONFIGDIR", "mpl")):
+    for var, sub in (
+        ("JUPYTER_PATH", "."),
+        ("JUPYTER_RUNTIME_DIR", "runtime"),
+        ("IPYTHONDIR", "ipython"),
+        ("MPLCONFIGDIR", "mpl"),
+    ):
         monkeypatch.setenv(var, str(tmp_path / sub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws the figures
     kernel = _kernel_of_this_interpreter(tmp_path)
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name=kernel, resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name=kernel, resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError, with the cell and traceback, if any cell errors
 
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergekit_partition_slerp import kernels, partition
-from conftest import assert_close_to_ref, ref_keep, ref_slerp64
+from helpers import assert_close_to_ref, ref_keep, ref_slerp64
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # derandomize: the same 200 examples every run, so CI cannot fail on a draw a

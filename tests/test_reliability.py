@@ -10,10 +10,9 @@ import sys
 import pytest
 import torch
 
-from conftest import mergekit_yaml
 from mergekit_partition_slerp.family import load_state_dict, write_checkpoint
-from reference import check_merge, eleusis_like, write_config
-from test_cli import ENV, cli
+
+from helpers import ENV, check_merge, cli, eleusis_like, mergekit_yaml, read_json, write_config
 
 
 def clone(family, key, tmp_path, name=None):
@@ -24,19 +23,26 @@ def clone(family, key, tmp_path, name=None):
 
 def edit_config(path, **changes):
     f = os.path.join(path, "config.json")
-    c = json.load(open(f))
+    c = read_json(f)
     c.update(changes)
-    json.dump(c, open(f, "w"))
+    with open(f, "w") as out:
+        json.dump(c, out)
 
 
 def expect_exit2(tmp_path, cfg, *needles, command="plan", extra=()):
-    args = [command, write_config(tmp_path / "r.yml", cfg)] + ([tmp_path / "out"] if command == "run" else []) + list(extra)
+    before = set(os.listdir(tmp_path)) | {"r.yml"}
+    args = (
+        [command, write_config(tmp_path / "r.yml", cfg)]
+        + ([tmp_path / "out"] if command == "run" else [])
+        + list(extra)
+    )
     proc = cli(*args)
     assert proc.returncode == 2, (proc.stdout[-500:], proc.stderr[-2000:])
     for needle in needles:
         assert needle in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") <= 2
     assert not (tmp_path / "out").exists()
+    assert set(os.listdir(tmp_path)) == before, "a refused recipe must leave nothing behind"
 
 
 def test_vocab_mismatch_without_tokenizer_setting(family, tmp_path):
@@ -93,20 +99,38 @@ def test_pickle_only_donor_needs_opt_in(family, tmp_path):
 
 def test_missing_shard_and_corrupt_header(family, tmp_path):
     sharded = tmp_path / "sharded"
-    write_checkpoint(str(sharded), json.load(open(os.path.join(family["donor0"], "config.json"))), load_state_dict(family["donor0"]), shards=3)
+    write_checkpoint(
+        str(sharded),
+        read_json(os.path.join(family["donor0"], "config.json")),
+        load_state_dict(family["donor0"]),
+        shards=3,
+    )
     os.remove(sharded / "model-00002-of-00003.safetensors")
-    expect_exit2(tmp_path, eleusis_like(dict(family, donor0=str(sharded))), "missing shard", "model-00002-of-00003", command="run", extra=["--no-copy-tokenizer"])
+    expect_exit2(
+        tmp_path,
+        eleusis_like(dict(family, donor0=str(sharded))),
+        "missing shard",
+        "model-00002-of-00003",
+        command="run",
+        extra=["--no-copy-tokenizer"],
+    )
     garbage = clone(family, "donor1", tmp_path, "garbage")
     with open(os.path.join(garbage, "model.safetensors"), "r+b") as f:
         f.write(b"\xff" * 16)
-    expect_exit2(tmp_path, eleusis_like(dict(family, donor1=garbage)), "model.safetensors", command="run", extra=["--no-copy-tokenizer"])
+    expect_exit2(
+        tmp_path,
+        eleusis_like(dict(family, donor1=garbage)),
+        "model.safetensors",
+        command="run",
+        extra=["--no-copy-tokenizer"],
+    )
 
 
 def nan_donor(family, tmp_path):
     odd = clone(family, "donor2", tmp_path, "nan")
     sd = load_state_dict(odd)
     sd["model.layers.3.mlp.up_proj.weight"][0, 0] = float("nan")
-    write_checkpoint(odd, json.load(open(os.path.join(odd, "config.json"))), sd)
+    write_checkpoint(odd, read_json(os.path.join(odd, "config.json")), sd)
     return odd
 
 
@@ -117,7 +141,9 @@ def test_nan_is_refused_by_run_and_by_mergekit_yaml(family, tmp_path):
     cfg["models"] = [m for m in cfg["models"] if m["model"] == odd]
     src = write_config(tmp_path / "r.yml", cfg)
     proc = cli("run", src, tmp_path / "out", "--no-copy-tokenizer")
-    assert proc.returncode == 1 and "model.layers.3.mlp.up_proj.weight" in proc.stderr and odd in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 1 and "model.layers.3.mlp.up_proj.weight" in proc.stderr and odd in proc.stderr, (
+        proc.stderr[-2000:]
+    )
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
     plain = mergekit_yaml(src, tmp_path / "plain")
     assert plain.returncode != 0 and "NaN or Inf" in plain.stderr and odd in plain.stderr

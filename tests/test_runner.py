@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from reference import eleusis_like, write_config
+from helpers import eleusis_like, write_config
 
 from mergekit_partition_slerp import runner
 from mergekit_partition_slerp.errors import ConfigError, MergeError

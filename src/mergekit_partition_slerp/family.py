@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
 
 import torch
 
-WORDS = (
+# one string reads as the vocabulary it is; the list form would be one word per line
+WORDS = (  # noqa: SIM905
     "the a merge model layer base donor slerp partition seed bin drop rate "
     "hermes eleusis input output attention gradient weight tensor token "
     "hello world you are helpful assistant user system chat template"
@@ -32,7 +32,7 @@ class Shape:
     vocab_size: int = 128
 
 
-def mistral_config(shape: Shape) -> Dict:
+def mistral_config(shape: Shape) -> dict:
     return {
         "architectures": ["MistralForCausalLM"],
         "model_type": "mistral",
@@ -54,31 +54,37 @@ def mistral_config(shape: Shape) -> Dict:
     }
 
 
-def mistral_state_dict(shape: Shape, generator: torch.Generator, dtype=torch.bfloat16) -> Dict[str, torch.Tensor]:
+def mistral_state_dict(shape: Shape, generator: torch.Generator, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
     h, m, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
     kv = shape.num_key_value_heads * (h // shape.num_attention_heads)
 
     def w(*size, scale=0.05):
         return (torch.randn(*size, generator=generator) * scale).to(dtype)
 
-    sd = {"model.embed_tokens.weight": w(v, h), "model.norm.weight": (1 + w(h, scale=0.01).float()).to(dtype), "lm_head.weight": w(v, h)}
+    sd = {
+        "model.embed_tokens.weight": w(v, h),
+        "model.norm.weight": (1 + w(h, scale=0.01).float()).to(dtype),
+        "lm_head.weight": w(v, h),
+    }
     for i in range(shape.num_hidden_layers):
         p = f"model.layers.{i}."
-        sd.update({
-            p + "input_layernorm.weight": (1 + w(h, scale=0.01).float()).to(dtype),
-            p + "post_attention_layernorm.weight": (1 + w(h, scale=0.01).float()).to(dtype),
-            p + "self_attn.q_proj.weight": w(h, h),
-            p + "self_attn.k_proj.weight": w(kv, h),
-            p + "self_attn.v_proj.weight": w(kv, h),
-            p + "self_attn.o_proj.weight": w(h, h),
-            p + "mlp.gate_proj.weight": w(m, h),
-            p + "mlp.up_proj.weight": w(m, h),
-            p + "mlp.down_proj.weight": w(h, m),
-        })
+        sd.update(
+            {
+                p + "input_layernorm.weight": (1 + w(h, scale=0.01).float()).to(dtype),
+                p + "post_attention_layernorm.weight": (1 + w(h, scale=0.01).float()).to(dtype),
+                p + "self_attn.q_proj.weight": w(h, h),
+                p + "self_attn.k_proj.weight": w(kv, h),
+                p + "self_attn.v_proj.weight": w(kv, h),
+                p + "self_attn.o_proj.weight": w(h, h),
+                p + "mlp.gate_proj.weight": w(m, h),
+                p + "mlp.up_proj.weight": w(m, h),
+                p + "mlp.down_proj.weight": w(h, m),
+            }
+        )
     return sd
 
 
-def write_checkpoint(path: str, config: Dict, state_dict: Dict[str, torch.Tensor], shards: int = 1) -> None:
+def write_checkpoint(path: str, config: dict, state_dict: dict[str, torch.Tensor], shards: int = 1) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
@@ -115,7 +121,10 @@ def write_tokenizer(path: str, vocab_size: int) -> None:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     fast.save_pretrained(path)
@@ -124,13 +133,13 @@ def write_tokenizer(path: str, vocab_size: int) -> None:
 def build_family(
     root: str,
     donors: int = 3,
-    shape: Optional[Shape] = None,
+    shape: Shape | None = None,
     seed: int = 0,
     noise: float = 0.02,
     tokenizer: bool = False,
     dtype=torch.bfloat16,
     shards: int = 1,
-) -> Dict[str, str]:
+) -> dict[str, str]:
     """Write base + donors under root; returns {"base": path, "donor0": path, ...}.
 
     Donor k is the base plus seeded Gaussian noise, so slerp sees realistic,
@@ -154,14 +163,13 @@ def build_family(
     return paths
 
 
-def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     for fname in sorted(os.listdir(path)):
         if fname.endswith(".safetensors"):
             out.update(load_file(os.path.join(path, fname)))
         elif fname.endswith(".bin"):
             out.update(torch.load(os.path.join(path, fname), weights_only=True))
     return out
-

@@ -8,7 +8,7 @@ on the hub rebuilds the same bins and masks on any machine.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -29,7 +29,7 @@ def philox(name: str, seed: int) -> np.random.Philox:
     return np.random.Philox(key=np.array([fnv1a64(name), seed], dtype=np.uint64))
 
 
-def layer_order(stack_key: str, num_layers: int, seed: int) -> List[int]:
+def layer_order(stack_key: str, num_layers: int, seed: int) -> list[int]:
     """Seeded Fisher-Yates shuffle of range(num_layers)."""
     raw = philox(stack_key, seed).random_raw(max(num_layers - 1, 0))
     order = list(range(num_layers))
@@ -39,7 +39,7 @@ def layer_order(stack_key: str, num_layers: int, seed: int) -> List[int]:
     return order
 
 
-def layer_bins(stack_key: str, num_layers: int, bins: int, seed: int) -> List[int]:
+def layer_bins(stack_key: str, num_layers: int, bins: int, seed: int) -> list[int]:
     """bin of each layer: the shuffled order cut into `bins` near-equal chunks."""
     if not 1 <= bins <= num_layers:
         raise ValueError(f"bins must be between 1 and the layer count ({num_layers}); got {bins}")
@@ -91,7 +91,7 @@ def keep_mask(name: str, seed: int, p: float, numel: int) -> np.ndarray:
     return keep_mask_range(name, seed, p, 0, numel)
 
 
-def bins_problem(bins: int, num_layers: int, donors: Sequence[str], stack: str = "the stack") -> Optional[str]:
+def bins_problem(bins: int, num_layers: int, donors: Sequence[str], stack: str = "the stack") -> str | None:
     """Why `bins` cannot work for these layers and donors, or None (DESIGN §3.3).
 
     The one home of this rule: the planner and the method both ask it.
