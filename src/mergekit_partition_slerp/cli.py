@@ -26,6 +26,8 @@ def _plan_or_exit(config: str, allow_pickle: bool = False):
         p = build_plan(config)
     except ConfigError as error:
         _fail(str(error))
+    for warning in p.warnings:
+        click.echo(f"warning: {warning}", err=True)
     _check_pickle(p, allow_pickle)
     return p
 

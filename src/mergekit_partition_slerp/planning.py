@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from mergekit_partition_slerp import __version__
+from mergekit_partition_slerp.architecture import ArchitectureError, for_model, preflight
 from mergekit_partition_slerp.partition import layer_bins, layer_position
 
 METHOD = "partition_slerp"
@@ -56,6 +57,7 @@ class Plan:
     source: Optional[str] = None
     source_text: str = field(default="", repr=False)  # the recipe as read, for the model card
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+    warnings: List[str] = field(default_factory=list)  # said by plan/compile/run on stderr, not in the JSON
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -207,8 +209,6 @@ def _local_config(ref, label: str):
 def build_plan(config) -> Plan:
     raw, source, sha, text = read_source(config)
     _check_keys(raw)
-    from mergekit.architecture import arch_info_for_config
-    from mergekit.architecture.base import ConfiguredModelArchitecture
     from mergekit.config import ConfigReader, InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
     from mergekit.merge_methods import get
     from mergekit.parameter_resolver import resolve_parameters
@@ -230,11 +230,10 @@ def build_plan(config) -> Plan:
     base_cfg = _local_config(base, "base model")
     if len(getattr(base_cfg, "architectures", None) or []) != 1:
         raise ConfigError(f"config.json of base model {base} must name exactly one architecture (its `architectures` is {getattr(base_cfg, 'architectures', None)}).")
-    arch = arch_info_for_config(base_cfg)
-    if arch is None:
-        raise ConfigError(f"mergekit has no architecture definition for {base_cfg.architectures} (base model {base}).")
-    if len(arch.modules) != 1:
-        raise ConfigError(f"base model {base} is a multi-module architecture ({', '.join(sorted(arch.modules))}); partition_slerp v1 merges single-module models only.")
+    try:
+        arch = for_model(base, base_cfg)
+    except ArchitectureError as error:
+        raise ConfigError(str(error)) from None
     tokenizer_set = raw.get("tokenizer_source") is not None or raw.get("tokenizer") is not None
     for m in donors:
         dcfg = _local_config(m.model, "donor")
@@ -246,9 +245,11 @@ def build_plan(config) -> Plan:
         if getattr(dcfg, "vocab_size", None) != getattr(base_cfg, "vocab_size", None) and not tokenizer_set:
             raise ConfigError(f"donor {m.model} has vocab_size {dcfg.vocab_size} but the base has {base_cfg.vocab_size}; set `tokenizer_source: base` (or a `tokenizer:` section) so mergekit aligns the embeddings.")
 
-    (module_name,) = arch.modules
-    module = ConfiguredModelArchitecture(info=arch, config=base_cfg).get_module(module_name)
-    L = module.num_layers()
+    try:  # tensor names only, before any weight is read
+        warnings = preflight(arch, [("base model", base)] + [("donor", m.model) for m in donors], raw)
+    except ArchitectureError as error:
+        raise ConfigError(str(error)) from None
+    L = arch.num_layers
     shared = raw.get("parameters") or {}
     spec = get(METHOD).spec
     shared_specs = {p.name: p for p in spec.parameters}
@@ -272,8 +273,7 @@ def build_plan(config) -> Plan:
         unused = ", ".join(str(m.model) for m in donors[n_bins:])
         raise ConfigError(f"bins is {n_bins} but there are {len(donors)} donors, so these donors would never be used: {unused}. Set bins to at least {len(donors)} or remove them.")
 
-    first = module.layer_weights(0)
-    stack = _stack(first[0].name, 0)
+    stack = arch.stack
     sources = [InputSliceDefinition(layer_range=(0, L), model=m.model, parameters=m.parameters) for m in cfg.models]
     if base not in [m.model for m in cfg.models]:
         sources.append(InputSliceDefinition(layer_range=(0, L), model=base))
@@ -285,8 +285,8 @@ def build_plan(config) -> Plan:
         k = bins[i] % len(donors)
         donor = donors[k]
         row = {"layer": i, "bin": bins[i], "donor_index": k, "donor": _as_written(raw, k, base), "position": pos, "t": {}, "drop_rate": {}}
-        for w in module.layer_weights(i):
-            suffix = w.name[len(stack) + len(str(i)) + 2 :]
+        for w in arch.layers[i]:
+            suffix = arch.suffix(w.name, i)
             try:
                 _, per = resolve_parameters(spec, tensor_name=w.name, inputs={donor.model: w.name}, sources=reader.with_t(pos).parameter_sources, base_model=base, t=pos)
             except Exception as error:
@@ -296,26 +296,21 @@ def build_plan(config) -> Plan:
         layers.append(row)
     # every donor's values must be valid, also where it owns no layer
     for m in donors:
-        for w in module.layer_weights(0) + module.layer_weights(L - 1):
+        for w in arch.layers[0] + arch.layers[L - 1]:
             try:
                 resolve_parameters(spec, tensor_name=w.name, inputs={m.model: w.name}, sources=reader.parameter_sources, base_model=base, t=0)
             except Exception as error:
                 raise ConfigError(f"donor {m.model}, tensor class {w.name.split('.')[len(stack.split('.')) + 1]} ({w.name}): {_pydantic_summary(error)}") from None
-    non_layer = [w.name for w in module.pre_weights() + module.post_weights()]
+    non_layer = [w.name for w in arch.non_layer]
     return Plan(seed=seed, bins=n_bins, stack=stack, num_layers=L, base=str(raw["base_model"]),
                 donors=[_as_written(raw, k, base) for k in range(len(donors))], layers=layers,
-                non_layer=non_layer, config_sha256=sha, source=source, source_text=text, raw=raw)
+                non_layer=non_layer, config_sha256=sha, source=source, source_text=text, raw=raw,
+                warnings=warnings)
 
 
 def _as_written(raw, k, base) -> str:
     entries = [m["model"] for m in raw["models"] if str(m["model"]) != str(raw["base_model"])]
     return str(entries[k])
-
-
-def _stack(name: str, index: int) -> str:
-    from mergekit_partition_slerp.layers import stack_key
-
-    return stack_key(name, index)
 
 
 def _pydantic_summary(error: Exception) -> str:
