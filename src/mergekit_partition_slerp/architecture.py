@@ -377,6 +377,16 @@ def preflight(arch: Architecture, models: Sequence[Tuple[str, Any]], raw: Option
     models: (role, ModelReference) pairs, the base first, e.g. ("base model", ref). Raises ArchitectureError
     (one paragraph) where mergekit would fail at merge time; returns warning strings otherwise.
     """
+    crashing = [w.name for w in arch.all_weights() if w.optional and w.aliases]
+    if crashing:
+        # mergekit 0.1.5's planner builds `[name] + aliases` for optional weights, and aliases is a tuple
+        raise ArchitectureError(
+            f"mergekit 0.1.5 cannot merge {arch.architecture} (base model {arch.model}) with any method: its "
+            f"definition marks {_some(crashing, 3)} optional with aliases, and its planner fails on that before "
+            "merging (`can only concatenate list (not \"tuple\") to list`). A checkpoint saved with a head "
+            "(e.g. a *ForMaskedLM or *ForSequenceClassification class in config.json `architectures`) uses a "
+            "definition without this problem."
+        )
     warnings: List[str] = []
     if arch.inferred:
         warnings.append(
