@@ -29,7 +29,6 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -60,7 +59,7 @@ class Case:
         return f"{self.model_type}-{self.architecture}"
 
 
-def mergekit_definitions() -> List[Tuple[str, str, List[str], str]]:
+def mergekit_definitions() -> list[tuple[str, str, list[str], str]]:
     """(file, model_type, architectures, kind) of every JSON definition shipped with mergekit."""
     import mergekit._data.architectures as data
 
@@ -72,7 +71,7 @@ def mergekit_definitions() -> List[Tuple[str, str, List[str], str]]:
     return out
 
 
-def cases() -> List[Case]:
+def cases() -> list[Case]:
     import transformers
     from transformers import CONFIG_MAPPING
 
@@ -89,13 +88,13 @@ def cases() -> List[Case]:
     return found
 
 
-def not_in_matrix() -> List[Tuple[str, str, str]]:
+def not_in_matrix() -> list[tuple[str, str, str]]:
     """(model_type, architectures, why) for mergekit definitions the matrix cannot build."""
     import transformers
     from transformers import CONFIG_MAPPING
 
     out = []
-    for file, model_type, archs, kind in mergekit_definitions():
+    for _file, model_type, archs, kind in mergekit_definitions():
         if kind != "module":
             out.append((model_type, ", ".join(archs), "multi-module (vision/audio + text): refused by design in v1"))
         elif model_type not in CONFIG_MAPPING or not any(hasattr(transformers, a) for a in archs):
@@ -110,21 +109,48 @@ def not_in_matrix() -> List[Tuple[str, str, str]]:
 # --- tiny checkpoints -------------------------------------------------------------------------
 
 TINY = {
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256, "max_position_embeddings": 128,
-    "n_positions": 128, "num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2,
-    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "n_routed_experts": 4,
-    "n_shared_experts": 1, "first_k_dense_replace": 1, "sliding_window": 64, "state_size": 8,
-    "d_model": 64, "expand": 2, "dim": 64, "hidden_dim": 128, "n_heads": 4, "n_layers": 4,
-    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "type_vocab_size": 2,
-    "conv_L_cache": 3, "block_dim": 64, "block_ff_dim": 128, "full_attn_idxs": [1, 3],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 256,
+    "max_position_embeddings": 128,
+    "n_positions": 128,
+    "num_local_experts": 4,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "sliding_window": 64,
+    "state_size": 8,
+    "d_model": 64,
+    "expand": 2,
+    "dim": 64,
+    "hidden_dim": 128,
+    "n_heads": 4,
+    "n_layers": 4,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "type_vocab_size": 2,
+    "conv_L_cache": 3,
+    "block_dim": 64,
+    "block_ff_dim": 128,
+    "full_attn_idxs": [1, 3],
 }
 
 # transformers' default for this type is all mamba layers, which its own forward pass cannot run
 OVERRIDES = {
     "granitemoehybrid": {
         "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
-        "mamba_n_heads": 8, "mamba_d_state": 16, "mamba_d_head": 16,
+        "mamba_n_heads": 8,
+        "mamba_d_state": 16,
+        "mamba_d_head": 16,
     },
 }
 
@@ -154,7 +180,7 @@ def _has(config, key: str) -> bool:
     return hasattr(config, key) or key in getattr(config, "attribute_map", {})
 
 
-def build_models(case: Case, root: str) -> Dict[str, str]:
+def build_models(case: Case, root: str) -> dict[str, str]:
     import transformers
 
     config = tiny_config(case)
@@ -180,7 +206,18 @@ def build_models(case: Case, root: str) -> Dict[str, str]:
     return paths
 
 
-def safetensors_dir(path: str) -> Dict[str, torch.Tensor]:
+def with_converted(case: Case, path: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors plus the ones transformers' own loading builds from them (fused MoE experts)."""
+    import transformers
+
+    model = getattr(transformers, case.architecture).from_pretrained(path)
+    out = dict(tensors)
+    for name, value in model.state_dict().items():
+        out.setdefault(name, value.detach().clone())
+    return out
+
+
+def safetensors_dir(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     out = {}
@@ -193,7 +230,7 @@ def safetensors_dir(path: str) -> Dict[str, torch.Tensor]:
 # --- the tests' own partition (DESIGN §3.3, written out again) ----------------------------------
 
 
-def ref_bins(stack: str, n: int, bins: int, seed: int) -> List[int]:
+def ref_bins(stack: str, n: int, bins: int, seed: int) -> list[int]:
     raw = np.random.Philox(key=np.array([fnv(stack), seed], dtype=np.uint64)).random_raw(max(n - 1, 0))
     order = list(range(n))
     for k, i in enumerate(range(n - 1, 0, -1)):
@@ -210,7 +247,38 @@ def ref_bins(stack: str, n: int, bins: int, seed: int) -> List[int]:
 
 def test_reference_partition_matches_design_vectors():
     assert ref_bins("model.layers", 32, 9, 0) == [
-        8, 7, 3, 0, 1, 0, 4, 2, 1, 8, 6, 5, 6, 0, 3, 4, 5, 2, 4, 6, 5, 8, 0, 7, 1, 3, 1, 2, 7, 3, 2, 4,
+        8,
+        7,
+        3,
+        0,
+        1,
+        0,
+        4,
+        2,
+        1,
+        8,
+        6,
+        5,
+        6,
+        0,
+        3,
+        4,
+        5,
+        2,
+        4,
+        6,
+        5,
+        8,
+        0,
+        7,
+        1,
+        3,
+        1,
+        2,
+        7,
+        3,
+        2,
+        4,
     ]
     assert ref_bins("model.layers", 8, 3, 7) == [2, 0, 1, 0, 1, 0, 1, 2]
 
@@ -227,7 +295,7 @@ class Result:
     seconds: float = 0.0
 
 
-def attention_word(base_names: List[str]) -> Optional[str]:
+def attention_word(base_names: list[str]) -> str | None:
     """The attention module's name, read from the checkpoint (the recipe's filter)."""
     for name in sorted(base_names):
         m = re.search(r"\.(\d+)\.([^.]+)", name)
@@ -236,7 +304,7 @@ def attention_word(base_names: List[str]) -> Optional[str]:
     return None
 
 
-def recipe(paths: Dict[str, str], attn: Optional[str]) -> dict:
+def recipe(paths: dict[str, str], attn: str | None) -> dict:
     def t(gradient):
         return ([{"filter": attn, "value": ATTN_T}] if attn else []) + [{"value": gradient}]
 
@@ -282,8 +350,9 @@ def run_case(case: Case, root: str) -> Result:
 
     start = time.perf_counter()
     paths = build_models(case, root)
-    base = safetensors_dir(paths["base"])
-    donors = [safetensors_dir(paths["d1"]), safetensors_dir(paths["d2"])]
+    with _quiet():  # output names mergekit converts to (fused experts) get transformers' own conversion
+        base = with_converted(case, paths["base"], safetensors_dir(paths["base"]))
+        donors = [with_converted(case, paths[d], safetensors_dir(paths[d])) for d in ("d1", "d2")]
     attn = attention_word(list(base))
     raw = recipe(paths, attn)
     with _quiet():
@@ -303,8 +372,10 @@ def run_case(case: Case, root: str) -> Result:
     plain, ran = safetensors_dir(os.path.join(root, "plain")), safetensors_dir(os.path.join(root, "run"))
     assert sorted(plain) == sorted(ran), f"{case.id}: run and mergekit write different tensor names"
     for k in plain:
-        assert plain[k].dtype == ran[k].dtype and torch.equal(plain[k].view(-1), ran[k].view(-1)) or (
-            plain[k].numel() == 0
+        assert (
+            plain[k].dtype == ran[k].dtype
+            and torch.equal(plain[k].view(-1), ran[k].view(-1))
+            or (plain[k].numel() == 0)
         ), f"{case.id}: {k} differs between run and plain mergekit"
     check_partition(case, plan, base, donors, plain)
     check_loads(case, os.path.join(root, "plain"))
@@ -324,7 +395,7 @@ def _quiet():
 
 def check_partition(case: Case, plan, base, donors, out) -> None:
     # the stack: the prefix before the first ".N." of the checkpoint's layer tensors
-    counts: Dict[str, int] = {}
+    counts: dict[str, int] = {}
     for name in base:
         m = re.match(r"(.+?)\.(\d+)\.", name)
         if m:
@@ -338,15 +409,16 @@ def check_partition(case: Case, plan, base, donors, out) -> None:
     for name, tensor in out.items():
         m = re.match(re.escape(stack) + r"\.(\d+)\.", name)
         if not m:
-            if name in base:
-                assert torch.equal(tensor, base[name].to(tensor.dtype)), f"{case.id}: non-layer {name} is not the base's"
+            assert name in base, f"{case.id}: output {name} is neither in the base checkpoint nor in its model"
+            assert torch.equal(tensor, base[name].to(tensor.dtype)), f"{case.id}: non-layer {name} is not the base's"
             continue
         i = int(m.group(1))
         k = bins[i] % 2
         a = base.get(name)
         b = donors[k].get(name)
-        if a is None or b is None:
-            continue  # an output name the checkpoint does not have (converted); covered by run == plain
+        assert a is not None and b is not None, (
+            f"{case.id}: output {name} is neither in the checkpoint nor in the model"
+        )
         a, b = a.to(tensor.dtype), b.to(tensor.dtype)
         pos = i / (n - 1)
         lo, hi = gradients[k]
@@ -394,7 +466,7 @@ def check_loads(case: Case, path: str) -> None:
 # --- pytest entry points --------------------------------------------------------------------
 
 
-def table_rows() -> Dict[str, Tuple[str, str]]:
+def table_rows() -> dict[str, tuple[str, str]]:
     """{case id: (status, detail)} as written in docs/architectures.md."""
     rows = {}
     with open(DOCS) as f:
@@ -421,7 +493,8 @@ def test_docs_table_in_sync():
 
     rows = table_rows()
     assert sorted(rows) == sorted(c.id for c in cases()), "docs/architectures.md does not list the matrix's cases"
-    text = open(DOCS).read()
+    with open(DOCS) as f:
+        text = f.read()
     assert f"mergekit {_version('mergekit', mergekit)}" in text and f"transformers {transformers.__version__}" in text
 
 
@@ -434,7 +507,7 @@ def _version(name, module) -> str:
 # --- docs generator ---------------------------------------------------------------------------
 
 
-def write_docs(results: List[Result], seconds: float) -> str:
+def write_docs(results: list[Result], seconds: float) -> str:
     import mergekit
     import transformers
 
@@ -448,7 +521,8 @@ def write_docs(results: List[Result], seconds: float) -> str:
         "table to what actually happens.",
         "",
         f"Date {datetime.date.today().isoformat()}; mergekit-partition-slerp {__version__}, "
-        f"mergekit {_version('mergekit', mergekit)}, transformers {transformers.__version__}, torch {torch.__version__}. "
+        f"mergekit {_version('mergekit', mergekit)}, transformers {transformers.__version__}, "
+        f"torch {torch.__version__}. "
         f"Full matrix: {seconds:.0f} s on 2 CPU cores.",
         "",
         "Each row: tiny checkpoints built by transformers' own class from that model type's config (hidden 64, "
@@ -482,7 +556,7 @@ def write_docs(results: List[Result], seconds: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     import tempfile
 
     only = [a for a in argv if not a.startswith("--")]
@@ -509,3 +583,79 @@ def main(argv: List[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+# --- plan-time answers (fast: tiny checkpoints, no merge) ----------------------------------------
+
+
+def _case(architecture: str) -> Case:
+    return next(c for c in cases() if c.architecture == architecture)
+
+
+def _header_only(path: str) -> None:
+    """Cut every safetensors file after its header: names stay readable, no tensor data is left."""
+    for f in os.listdir(path):
+        if f.endswith(".safetensors"):
+            full = os.path.join(path, f)
+            with open(full, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                head = fh.read(n)
+            with open(full, "wb") as fh:
+                fh.write(n.to_bytes(8, "little") + head)
+
+
+def test_filter_matching_nothing_warns_with_real_names(tmp_path):
+    from mergekit_partition_slerp.planning import build_plan
+
+    paths = build_models(_case("GPT2LMHeadModel"), str(tmp_path))
+    names = list(safetensors_dir(paths["base"]))
+    raw = recipe(paths, "self_attn")  # the Eleusis filter; GPT-2 calls it `attn`
+    for p in paths.values():
+        _header_only(p)
+    warnings = build_plan(raw).warnings
+    hits = [w for w in warnings if "'self_attn'" in w]
+    assert len(hits) == 2, warnings  # once for t, once for drop_rate
+    suggested = re.findall(r"'([^']+)'", hits[0].split("Did you mean", 1)[1])
+    assert suggested and all(any(s in n for n in names) for s in suggested), hits[0]
+    assert any(s in ("attn", "c_attn") for s in suggested), hits[0]
+    assert not [w for w in build_plan(recipe(paths, "attn")).warnings if "filter" in w]
+
+
+def test_missing_tensors_refused_from_headers_alone(tmp_path):
+    from mergekit_partition_slerp.planning import ConfigError, build_plan
+
+    paths = build_models(_case("GPTNeoXForCausalLM"), str(tmp_path))
+    names = set(safetensors_dir(paths["base"]))
+    assert "gpt_neox.layers.0.attention.bias" not in names  # transformers 5 no longer saves the buffer
+    for p in paths.values():
+        _header_only(p)
+    with pytest.raises(ConfigError) as error:
+        build_plan(recipe(paths, "attention"))
+    message = str(error.value)
+    assert "\n" not in message and paths["base"] in message
+    assert "gpt_neox.layers.0.attention.bias" in message and "required" in message
+
+
+@pytest.mark.slow
+def test_moe_per_expert_checkpoints_merge_under_fused_output_names(tmp_path):
+    from mergekit_partition_slerp.planning import build_plan
+
+    case = _case("MixtralForCausalLM")
+    paths = build_models(case, str(tmp_path))
+    on_disk = safetensors_dir(paths["base"])
+    # transformers 5 saves Mixtral per expert (the hub layout) and fuses the experts when loading
+    assert any(".block_sparse_moe.experts.0.w1." in n for n in on_disk)
+    model_names = set(with_converted(case, paths["base"], {}))
+    raw = recipe(paths, "self_attn")
+    plan = build_plan(raw)
+    converted = [w for w in plan.warnings if "gate_up_proj" in w]
+    assert converted and "rowwise" in converted[0], plan.warnings
+    assert not [w for w in plan.warnings if "does not know" in w], plan.warnings
+    assert "experts.gate_up_proj" in plan.layers[0]["t"] or "mlp.experts.gate_up_proj" in plan.layers[0]["t"]
+    with _quiet():
+        plain_merge(raw, str(tmp_path / "plain"))
+        run_cli_path(raw, str(tmp_path), str(tmp_path / "run"))
+    plain, ran = safetensors_dir(str(tmp_path / "plain")), safetensors_dir(str(tmp_path / "run"))
+    assert set(plain) == set(ran) and set(plain) <= model_names
+    assert any(n.endswith("mlp.experts.gate_up_proj") for n in plain)
+    assert all(torch.equal(plain[k], ran[k]) for k in plain)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any
 
 
 class ArchitectureError(ValueError):
@@ -31,11 +32,11 @@ class Weight:
 
     name: str
     optional: bool = False  # mergekit skips it when no input has it
-    aliases: Tuple[str, ...] = ()  # other input names mergekit reads it from
-    tied_names: Tuple[str, ...] = ()  # a tied tensor that stands in for it (lm_head -> embeddings)
+    aliases: tuple[str, ...] = ()  # other input names mergekit reads it from
+    tied_names: tuple[str, ...] = ()  # a tied tensor that stands in for it (lm_head -> embeddings)
 
     @property
-    def input_names(self) -> Tuple[str, ...]:
+    def input_names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases, *self.tied_names)
 
 
@@ -47,10 +48,10 @@ class Architecture:
     inferred: bool  # True: no definition in mergekit, layout inferred from the weights as mergekit does
     stack: str  # partition key: the tensor-name prefix before ".{i}.", e.g. "model.layers"
     num_layers: int
-    layers: Tuple[Tuple[Weight, ...], ...]  # layers[i]: the output tensors of layer i
-    non_layer: Tuple[Weight, ...]  # embeddings, final norm, lm_head, ...: the base's, bit for bit
+    layers: tuple[tuple[Weight, ...], ...]  # layers[i]: the output tensors of layer i
+    non_layer: tuple[Weight, ...]  # embeddings, final norm, lm_head, ...: the base's, bit for bit
 
-    def layer_index(self) -> Dict[str, int]:
+    def layer_index(self) -> dict[str, int]:
         """{output tensor name: layer index} for every layer tensor."""
         return {w.name: i for i, layer in enumerate(self.layers) for w in layer}
 
@@ -58,11 +59,11 @@ class Architecture:
         """The tensor name after "{stack}.{index}.", e.g. "self_attn.q_proj.weight"."""
         return name[len(self.stack) + len(str(index)) + 2 :]
 
-    def all_weights(self) -> List[Weight]:
+    def all_weights(self) -> list[Weight]:
         return [w for layer in self.layers for w in layer] + list(self.non_layer)
 
 
-def stack_of(name: str, index: int) -> Optional[str]:
+def stack_of(name: str, index: int) -> str | None:
     parts = name.split(".")
     for k, part in enumerate(parts):
         if part == str(index):
@@ -115,7 +116,9 @@ def _build(ref: Any, config: Any) -> Architecture:
     module = ConfiguredModelArchitecture(info=arch, config=config).get_module(module_name)
     count = module.num_layers()
     if not count:
-        raise ArchitectureError(f"base model {ref} ({names[0]}): mergekit finds no layers in it, so there is nothing to partition.")
+        raise ArchitectureError(
+            f"base model {ref} ({names[0]}): mergekit finds no layers in it, so there is nothing to partition."
+        )
     layers = tuple(tuple(_weight(w) for w in module.layer_weights(i)) for i in range(count))
     stacks = [stack_of(w.name, i) for i, layer in enumerate(layers) for w in layer]
     if not layers[0] or None in stacks or len(set(stacks)) != 1:
@@ -155,7 +158,7 @@ def _infer(ref: Any, name: str) -> Any:
 # --- tensor names from the checkpoint, without reading tensor data ---------------------------
 
 
-def checkpoint_tensors(ref: Any) -> Optional[Dict[str, str]]:
+def checkpoint_tensors(ref: Any) -> dict[str, str] | None:
     """{tensor name: dtype} of a local checkpoint, from the files mergekit would read.
 
     mergekit looks for model.safetensors(.index.json), then pytorch_model.bin(.index.json);
@@ -168,7 +171,7 @@ def checkpoint_tensors(ref: Any) -> Optional[Dict[str, str]]:
     return _local_tensors(path)
 
 
-def _local_tensors(path: str) -> Optional[Dict[str, str]]:
+def _local_tensors(path: str) -> dict[str, str] | None:
     for stem in ("model.safetensors", "pytorch_model.bin"):
         file, index = os.path.join(path, stem), os.path.join(path, stem + ".index.json")
         if os.path.exists(index):
@@ -190,7 +193,7 @@ def _local_tensors(path: str) -> Optional[Dict[str, str]]:
     return None
 
 
-def _safetensors_header(path: str) -> Optional[Dict[str, str]]:
+def _safetensors_header(path: str) -> dict[str, str] | None:
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -210,7 +213,7 @@ def _conversion_rules(model_type: str) -> list:
     return list(get_checkpoint_conversion_mapping(model_type) or [])
 
 
-def _convertible(model_type: str, names: Set[str], target: str) -> bool:
+def _convertible(model_type: str, names: set[str], target: str) -> bool:
     """mergekit's own test: can transformers' checkpoint conversion build `target` from `names`?"""
     from mergekit.architecture.conversion import can_convert_checkpoint_keys
 
@@ -222,14 +225,14 @@ class TensorCheck:
     """What a checkpoint has against what mergekit's architecture will ask it for."""
 
     model: str
-    missing: Tuple[str, ...]  # required by the definition, absent, not convertible: mergekit fails at merge time
-    missing_optional: Tuple[str, ...]  # marked optional by mergekit: skipped when no input has them
-    converted: Tuple[str, ...]  # output names mergekit builds from differently named inputs (fused MoE experts)
-    unknown: Tuple[str, ...]  # layer tensors of the checkpoint that no output tensor is made from: dropped
-    non_float: Tuple[Tuple[str, str], ...]  # (name, dtype) of layer buffers (bool masks, int indices)
+    missing: tuple[str, ...]  # required by the definition, absent, not convertible: mergekit fails at merge time
+    missing_optional: tuple[str, ...]  # marked optional by mergekit: skipped when no input has them
+    converted: tuple[str, ...]  # output names mergekit builds from differently named inputs (fused MoE experts)
+    unknown: tuple[str, ...]  # layer tensors of the checkpoint that no output tensor is made from: dropped
+    non_float: tuple[tuple[str, str], ...]  # (name, dtype) of layer buffers (bool masks, int indices)
 
 
-def check_tensors(arch: Architecture, ref: Any, names: Dict[str, str]) -> TensorCheck:
+def check_tensors(arch: Architecture, ref: Any, names: dict[str, str]) -> TensorCheck:
     keys = set(names)
     missing, optional, converted = [], [], []
     for w in arch.all_weights():
@@ -252,9 +255,7 @@ def check_tensors(arch: Architecture, ref: Any, names: Dict[str, str]) -> Tensor
             continue  # an input of a conversion (per-expert weights fused into one output)
         unknown.append(key)
     layer_names = {w.name for layer in arch.layers for w in layer}
-    non_float = tuple(
-        (k, names[k]) for k in sorted(layer_names & keys) if names[k] and names[k] not in _FLOAT_DTYPES
-    )
+    non_float = tuple((k, names[k]) for k in sorted(layer_names & keys) if names[k] and names[k] not in _FLOAT_DTYPES)
     return TensorCheck(str(ref), tuple(missing), tuple(optional), tuple(converted), tuple(unknown), non_float)
 
 
@@ -266,7 +267,7 @@ def _some(names: Sequence[str], n: int = 4) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def missing_message(arch: Architecture, check: TensorCheck, role: str) -> Optional[str]:
+def missing_message(arch: Architecture, check: TensorCheck, role: str) -> str | None:
     """One paragraph when mergekit would fail at merge time on this checkpoint, else None."""
     if not check.missing:
         return None
@@ -284,7 +285,7 @@ def missing_message(arch: Architecture, check: TensorCheck, role: str) -> Option
     )
 
 
-def check_notes(arch: Architecture, check: TensorCheck, role: str, output: bool = True) -> List[str]:
+def check_notes(arch: Architecture, check: TensorCheck, role: str, output: bool = True) -> list[str]:
     """Warnings about what mergekit will do differently from a plain copy of the layout.
 
     output: include the notes about the output's tensors (said once, for the base).
@@ -317,10 +318,10 @@ def check_notes(arch: Architecture, check: TensorCheck, role: str, output: bool 
 # --- filters --------------------------------------------------------------------------------
 
 
-def recipe_filters(raw: Dict[str, Any]) -> List[Tuple[str, str, str]]:
+def recipe_filters(raw: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(filter, parameter, where) for every `filter:` in the recipe's parameters."""
     found = []
-    scopes: List[Tuple[str, Any]] = [("the top-level parameters", raw.get("parameters"))]
+    scopes: list[tuple[str, Any]] = [("the top-level parameters", raw.get("parameters"))]
     for m in raw.get("models") or []:
         if isinstance(m, dict):
             scopes.append((f"the parameters of {m.get('model')}", m.get("parameters")))
@@ -334,7 +335,7 @@ def recipe_filters(raw: Dict[str, Any]) -> List[Tuple[str, str, str]]:
     return found
 
 
-def filter_warnings(raw: Dict[str, Any], arch: Architecture) -> List[str]:
+def filter_warnings(raw: dict[str, Any], arch: Architecture) -> list[str]:
     """One warning per recipe filter that matches no tensor name of the architecture.
 
     mergekit matches a filter as a substring of the output tensor name and silently
@@ -354,7 +355,7 @@ def filter_warnings(raw: Dict[str, Any], arch: Architecture) -> List[str]:
 
 
 def _did_you_mean(text: str, names: Iterable[str]) -> str:
-    parts: Set[str] = set()
+    parts: set[str] = set()
     for name in names:
         pieces = name.split(".")
         for i in range(len(pieces)):
@@ -367,11 +368,10 @@ def _did_you_mean(text: str, names: Iterable[str]) -> str:
     return " Did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
 
 
-
 # --- what the planner calls -------------------------------------------------------------------
 
 
-def preflight(arch: Architecture, models: Sequence[Tuple[str, Any]], raw: Optional[Dict[str, Any]] = None) -> List[str]:
+def preflight(arch: Architecture, models: Sequence[tuple[str, Any]], raw: dict[str, Any] | None = None) -> list[str]:
     """Check every checkpoint's tensor names against the architecture, before any weight is read.
 
     models: (role, ModelReference) pairs, the base first, e.g. ("base model", ref). Raises ArchitectureError
@@ -383,11 +383,11 @@ def preflight(arch: Architecture, models: Sequence[Tuple[str, Any]], raw: Option
         raise ArchitectureError(
             f"mergekit 0.1.5 cannot merge {arch.architecture} (base model {arch.model}) with any method: its "
             f"definition marks {_some(crashing, 3)} optional with aliases, and its planner fails on that before "
-            "merging (`can only concatenate list (not \"tuple\") to list`). A checkpoint saved with a head "
+            'merging (`can only concatenate list (not "tuple") to list`). A checkpoint saved with a head '
             "(e.g. a *ForMaskedLM or *ForSequenceClassification class in config.json `architectures`) uses a "
             "definition without this problem."
         )
-    warnings: List[str] = []
+    warnings: list[str] = []
     if arch.inferred:
         warnings.append(
             f"mergekit 0.1.5 has no architecture definition for {arch.architecture} (base model {arch.model}); "

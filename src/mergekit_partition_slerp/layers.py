@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Dict, Optional, Tuple
+from functools import cache
 
 
 class LayerError(ValueError):
@@ -33,7 +32,7 @@ def stack_key(name: str, index: int) -> str:
     raise LayerError(f"tensor {name!r} does not contain its layer index {index}")
 
 
-def layer_from_name(name: Optional[str]) -> Optional[Tuple[str, int]]:
+def layer_from_name(name: str | None) -> tuple[str, int] | None:
     """(stack, index) from the first dot-separated integer component."""
     parts = (name or "").split(".")
     for k, part in enumerate(parts):
@@ -42,8 +41,8 @@ def layer_from_name(name: Optional[str]) -> Optional[Tuple[str, int]]:
     return None
 
 
-@lru_cache(maxsize=None)
-def _architecture_layers(base) -> Tuple[Dict[str, int], int, str]:
+@cache
+def _architecture_layers(base) -> tuple[dict[str, int], int, str]:
     """{output tensor name: layer index}, the layer count and the stack, from mergekit."""
     from mergekit_partition_slerp.architecture import ArchitectureError, for_model
 
@@ -54,7 +53,7 @@ def _architecture_layers(base) -> Tuple[Dict[str, int], int, str]:
     return arch.layer_index(), arch.num_layers, arch.stack
 
 
-def locate(name: Optional[str], base_id, num_layers: Optional[int]) -> Optional[LayerInfo]:
+def locate(name: str | None, base_id, num_layers: int | None) -> LayerInfo | None:
     """The layer of output tensor `name`, or None for a non-layer tensor."""
     # Only look for ModelReference where one can exist: importing
     # mergekit.common pulls in peft and transformers (~2-3 s), which an
@@ -63,9 +62,7 @@ def locate(name: Optional[str], base_id, num_layers: Optional[int]) -> Optional[
     if common is not None and isinstance(base_id, common.ModelReference):
         names, count, stack = _architecture_layers(base_id)
         if num_layers is not None and num_layers != count:
-            raise LayerError(
-                f"num_layers is {num_layers} but base model {base_id} has {count} layers"
-            )
+            raise LayerError(f"num_layers is {num_layers} but base model {base_id} has {count} layers")
         if name not in names:
             return None
         # the stack mergekit reports for the base is the partition key (the planner prints the same)
@@ -81,4 +78,3 @@ def locate(name: Optional[str], base_id, num_layers: Optional[int]) -> Optional[
     if not 0 <= found[1] < num_layers:
         raise LayerError(f"tensor {name!r} is layer {found[1]} but num_layers is {num_layers}")
     return LayerInfo(found[0], found[1], num_layers)
-
