@@ -96,7 +96,13 @@ def not_in_matrix() -> list[tuple[str, str, str]]:
     out = []
     for _file, model_type, archs, kind in mergekit_definitions():
         if kind != "module":
-            out.append((model_type, ", ".join(archs), "multi-module (vision/audio + text): refused by design in v1"))
+            out.append(
+                (
+                    model_type,
+                    ", ".join(archs),
+                    "multi-module (encoder-decoder, or vision/audio + text): refused by design in v1",
+                )
+            )
         elif model_type not in CONFIG_MAPPING or not any(hasattr(transformers, a) for a in archs):
             out.append((model_type, ", ".join(archs), "not in transformers (remote code): not built here"))
         else:
@@ -537,7 +543,10 @@ def write_docs(results: list[Result], seconds: float) -> str:
         "|---|---|---|---|",
     ]
     for r in results:
-        what = f"`{r.stack}`" if r.status == "verified" else r.detail.replace("|", "\\|")
+        # the refusal's first sentence (tensor names hold no ". "); `plan` prints the whole paragraph
+        what = (
+            f"`{r.stack}`" if r.status == "verified" else r.detail.split(". ")[0].rstrip(".").replace("|", "\\|") + "."
+        )
         if r.status == "verified" and not r.case.definition:
             what += " (no mergekit definition: the layout mergekit infers from the weights)"
         lines.append(f"| `{r.case.model_type}` | `{r.case.architecture}` | {r.status} | {what} |")
