@@ -513,6 +513,27 @@ def _version(name, module) -> str:
 # --- docs generator ---------------------------------------------------------------------------
 
 
+NOTES = [
+    "## MoE, filters, buffers",
+    "",
+    "- **Fused experts.** mergekit 0.1.5 writes MoE experts fused (`mlp.experts.gate_up_proj`, "
+    "`mlp.experts.down_proj`, one 3-D tensor per layer) whatever the input layout; transformers 5 still saves "
+    "Mixtral and Qwen3-MoE per expert. `plan` says when the output names differ from the input's; `t`, `drop_rate`, "
+    "filters and the drop masks apply to the output names. Slerp over a fused tensor treats all experts of the "
+    "layer as one vector (one angle for the whole block); `rowwise: true` slerps each row of dim 0 on its own, "
+    "which for a fused tensor of shape [experts, ...] means one slerp per expert.",
+    "- **Filters.** mergekit matches a `filter:` as a substring of the output tensor name and silently ignores one "
+    "that matches nothing (the Eleusis `self_attn` does not match GPT-2's `attn`); `plan` warns, with the closest "
+    "real names.",
+    "- **Buffers in layers** (a bool attention mask, `rotary_emb.inv_freq`): mergekit loads every tensor in the "
+    "recipe's dtype, so a bool mask becomes 0.0/1.0 floats; equal in base and donor, it comes out unchanged. "
+    "`plan` names such tensors when the checkpoint has them.",
+    "- **No definition** (`exaone4`, `smollm3`, `olmo3` above): mergekit infers the layout from the weights when "
+    "it merges; the method and `plan` use the same inferred layout, so they are never stricter than mergekit.",
+    "",
+]
+
+
 def write_docs(results: list[Result], seconds: float) -> str:
     import mergekit
     import transformers
@@ -562,6 +583,7 @@ def write_docs(results: list[Result], seconds: float) -> str:
     for model_type, archs, why in not_in_matrix():
         lines.append(f"| `{model_type}` | {archs} | {why} |")
     lines.append("")
+    lines += NOTES
     return "\n".join(lines)
 
 
