@@ -59,7 +59,7 @@ def _plan(config: str, allow_pickle: bool):
     from mergekit_partition_slerp.runner import check_pickle
 
     p = build_plan(config)
-    for warning in check_pickle(p, allow_pickle):
+    for warning in p.warnings + check_pickle(p, allow_pickle):
         click.echo(f"warning: {warning}", err=True)
     return p
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Dict, Optional, Tuple
+from functools import cache
 
 
 class LayerError(ValueError):
@@ -33,7 +32,7 @@ def stack_key(name: str, index: int) -> str:
     raise LayerError(f"tensor {name!r} does not contain its layer index {index}")
 
 
-def layer_from_name(name: Optional[str]) -> Optional[Tuple[str, int]]:
+def layer_from_name(name: str | None) -> tuple[str, int] | None:
     """(stack, index) from the first dot-separated integer component."""
     parts = (name or "").split(".")
     for k, part in enumerate(parts):
@@ -42,50 +41,32 @@ def layer_from_name(name: Optional[str]) -> Optional[Tuple[str, int]]:
     return None
 
 
-@lru_cache(maxsize=None)
-def _architecture_layers(base) -> Tuple[Dict[str, int], int]:
-    """{output tensor name: layer index} and the layer count, from mergekit."""
-    from mergekit.architecture import arch_info_for_config
-    from mergekit.architecture.base import ConfiguredModelArchitecture
+@cache
+def _architecture_layers(base) -> tuple[dict[str, int], int, str]:
+    """{output tensor name: layer index}, the layer count and the stack, from mergekit."""
+    from mergekit_partition_slerp.architecture import ArchitectureError, for_model
 
-    config = base.config()
-    arch = arch_info_for_config(config)
-    if arch is None:
-        raise LayerError(
-            f"mergekit has no architecture definition for {config.architectures} "
-            f"(base model {base}); partition_slerp needs it to find the layers"
-        )
-    if len(arch.modules) != 1:
-        raise LayerError(
-            f"base model {base} is a multi-module architecture "
-            f"({', '.join(sorted(arch.modules))}); partition_slerp v1 merges "
-            "single-module models only (Llama, Mistral, Qwen, Gemma, ...)"
-        )
-    (module_name,) = arch.modules
-    module = ConfiguredModelArchitecture(info=arch, config=config).get_module(module_name)
-    count = module.num_layers()
-    names = {}
-    for i in range(count):
-        for weight in module.layer_weights(i):
-            names[weight.name] = i
-    return names, count
+    try:
+        arch = for_model(base)
+    except ArchitectureError as error:
+        raise LayerError(str(error)) from None
+    return arch.layer_index(), arch.num_layers, arch.stack
 
 
-def locate(name: Optional[str], base_id, num_layers: Optional[int]) -> Optional[LayerInfo]:
+def locate(name: str | None, base_id, num_layers: int | None) -> LayerInfo | None:
     """The layer of output tensor `name`, or None for a non-layer tensor."""
     # Only look for ModelReference where one can exist: importing
     # mergekit.common pulls in peft and transformers (~2-3 s), which an
     # in-memory merge_tensors call must not pay on its first tensor.
     common = sys.modules.get("mergekit.common")
     if common is not None and isinstance(base_id, common.ModelReference):
-        names, count = _architecture_layers(base_id)
+        names, count, stack = _architecture_layers(base_id)
         if num_layers is not None and num_layers != count:
-            raise LayerError(
-                f"num_layers is {num_layers} but base model {base_id} has {count} layers"
-            )
+            raise LayerError(f"num_layers is {num_layers} but base model {base_id} has {count} layers")
         if name not in names:
             return None
-        return LayerInfo(stack_key(name, names[name]), names[name], count)
+        # the stack mergekit reports for the base is the partition key (the planner prints the same)
+        return LayerInfo(stack, names[name], count)
     found = layer_from_name(name)
     if found is None:
         return None
@@ -97,4 +78,3 @@ def locate(name: Optional[str], base_id, num_layers: Optional[int]) -> Optional[
     if not 0 <= found[1] < num_layers:
         raise LayerError(f"tensor {name!r} is layer {found[1]} but num_layers is {num_layers}")
     return LayerInfo(found[0], found[1], num_layers)
-

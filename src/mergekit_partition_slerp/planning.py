@@ -18,6 +18,7 @@ import yaml
 
 from mergekit_partition_slerp import __version__
 from mergekit_partition_slerp import recipe as recipes
+from mergekit_partition_slerp.architecture import ArchitectureError, for_model, preflight
 from mergekit_partition_slerp.errors import ConfigError
 from mergekit_partition_slerp.partition import bins_problem, layer_bins, layer_position
 
@@ -64,6 +65,7 @@ class Plan:
     source: str | None = None
     source_text: str = field(default="", repr=False)  # the recipe as read, for the model card
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    warnings: list[str] = field(default_factory=list)  # said by plan/compile/run on stderr, not in the JSON
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,7 +131,16 @@ def build_plan(config) -> Plan:
 
     _require_reachable([base] + [m.model for m in donors], recipe.path)
     base_cfg = _model_config(base, "base model", recipe.path)
-    stack, L, layer_names, non_layer = _architecture(base_cfg, base)
+    if len(getattr(base_cfg, "architectures", None) or []) != 1:
+        raise ConfigError(
+            f"config.json of base model {base} must name exactly one architecture "
+            f"(its `architectures` is {getattr(base_cfg, 'architectures', None)})."
+        )
+    try:
+        arch = for_model(base, base_cfg)
+    except ArchitectureError as error:
+        raise ConfigError(str(error)) from None
+    stack, L = arch.stack, arch.num_layers
     tokenizer_set = raw.get("tokenizer_source") is not None or raw.get("tokenizer") is not None
     for m in donors:
         dcfg = _model_config(m.model, "donor", recipe.path)
@@ -150,6 +161,10 @@ def build_plan(config) -> Plan:
                 "`tokenizer_source: base` (or a `tokenizer:` section) so mergekit aligns the embeddings."
             )
 
+    try:  # tensor names only, from the safetensors headers: before any weight is read
+        warnings = preflight(arch, [("base model", base)] + [("donor", m.model) for m in donors], raw)
+    except ArchitectureError as error:
+        raise ConfigError(str(error)) from None
     shared = raw.get("parameters") or {}
     if shared.get("num_layers") not in (None, L):
         raise ConfigError(
@@ -194,7 +209,7 @@ def build_plan(config) -> Plan:
     for i in range(L):
         position = layer_position(i, L)
         k = bins[i] % len(donors)
-        values = {name[len(stack) + len(str(i)) + 2 :]: resolve(donors[k], name, position) for name in layer_names(i)}
+        values = {arch.suffix(w.name, i): resolve(donors[k], w.name, position) for w in arch.layers[i]}
         layers.append(
             LayerRow(
                 layer=i,
@@ -208,8 +223,8 @@ def build_plan(config) -> Plan:
         )
     # a donor's values must resolve everywhere, also at depths where it owns no layer
     for m in donors:
-        for name in layer_names(0) + layer_names(L - 1):
-            resolve(m, name, 0.0)
+        for w in arch.layers[0] + arch.layers[L - 1]:
+            resolve(m, w.name, 0.0)
     return Plan(
         seed=seed,
         bins=n_bins,
@@ -218,43 +233,13 @@ def build_plan(config) -> Plan:
         base=str(raw["base_model"]),
         donors=written,
         layers=layers,
-        non_layer=non_layer,
+        non_layer=[w.name for w in arch.non_layer],
         config_sha256=recipe.sha256,
         source=recipe.path,
         source_text=recipe.text,
         raw=raw,
+        warnings=warnings,
     )
-
-
-def _architecture(base_cfg, base):
-    """(stack, layer count, layer -> tensor names, non-layer names) from mergekit's definition."""
-    from mergekit.architecture import arch_info_for_config
-    from mergekit.architecture.base import ConfiguredModelArchitecture
-
-    from mergekit_partition_slerp.layers import stack_key
-
-    if len(getattr(base_cfg, "architectures", None) or []) != 1:
-        raise ConfigError(
-            f"config.json of base model {base} must name exactly one architecture "
-            f"(its `architectures` is {getattr(base_cfg, 'architectures', None)})."
-        )
-    arch = arch_info_for_config(base_cfg)
-    if arch is None:
-        raise ConfigError(f"mergekit has no architecture definition for {base_cfg.architectures} (base model {base}).")
-    if len(arch.modules) != 1:
-        raise ConfigError(
-            f"base model {base} is a multi-module architecture ({', '.join(sorted(arch.modules))}); "
-            "partition_slerp v1 merges single-module models only."
-        )
-    (module_name,) = arch.modules
-    module = ConfiguredModelArchitecture(info=arch, config=base_cfg).get_module(module_name)
-
-    def layer_names(i: int) -> list[str]:
-        return [w.name for w in module.layer_weights(i)]
-
-    stack = stack_key(layer_names(0)[0], 0)
-    non_layer = [w.name for w in module.pre_weights() + module.post_weights()]
-    return stack, module.num_layers(), layer_names, non_layer
 
 
 def _local_path(ref) -> str | None:
