@@ -2,10 +2,11 @@ import threading
 
 import pytest
 import torch
-
 from mergekit.merge_methods import merge_tensors
 from mergekit.merge_methods.slerp import slerp as mk_slerp_kernel
+
 from mergekit_partition_slerp import kernels, partition
+
 from helpers import assert_close_to_ref, bf16_ulp, ref_keep, ref_slerp64
 
 
