@@ -10,6 +10,7 @@ the package, so a test never checks the code under test against itself:
 - `setting`, `param`: mergekit's filter / gradient / precedence rule for the
   forms the tests use;
 - `ref_slerp64`, `assert_close_to_ref`: the slerp in float64 and its tolerance;
+- `ref_plan`: layer -> bin -> donor -> t / drop_rate of a `models:` recipe;
 - `check_merge`: a whole `models:` recipe's output against all of the above.
 """
 

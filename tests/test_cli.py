@@ -13,10 +13,12 @@ import pytest
 import torch
 import yaml
 
-from helpers import BIN
 from mergekit_partition_slerp.family import load_state_dict
+
+from helpers import BIN, check_merge, eleusis_like, write_config
 from helpers import ref_layer_bins as layer_bins  # the independent reference, pinned in test_partition.py
-from helpers import check_merge, eleusis_like, write_config
+
+pytestmark = pytest.mark.slow  # every test runs the console script in a subprocess
 
 CLI = os.path.join(BIN, "mergekit-partition")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}

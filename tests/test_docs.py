@@ -512,6 +512,7 @@ def figures(tmp_path_factory):
     return make
 
 
+@pytest.mark.slow  # merges and figures of 32-layer stand-ins
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_block_runs(doc, tmp_path, monkeypatch, stand_ins, state_dicts, figures, offline):
     import matplotlib
@@ -535,6 +536,7 @@ def test_skip_list_is_current():
     assert set(SKIPPED) <= present, f"SKIPPED lists commands no doc has any more: {set(SKIPPED) - present}"
 
 
+@pytest.mark.slow  # merges and figures of 32-layer stand-ins
 def test_make_figures_writes_both_pngs(figures):
     out = figures()
     check_png(os.path.join(out, "eleusis-plan.png"), min_width=1500)

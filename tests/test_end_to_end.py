@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from helpers import check_merge, eleusis_like, mergekit_yaml, read_yaml, write_config
 
 LAYERS = 8
@@ -21,6 +23,7 @@ def test_eleusis_shaped_recipe(family, tmp_path):
     assert set(assignment.values()) == set(range(5))  # every donor, the alias included, owns layers
 
 
+@pytest.mark.slow  # mergekit-yaml in a subprocess
 def test_rowwise_rescale_and_top_level_t(family, tmp_path):
     cfg = eleusis_like(family, bins=4, seed=1, alias=False, rowwise=True, rescale=True, t=0.4)
     for m in cfg["models"][:2]:
@@ -28,6 +31,7 @@ def test_rowwise_rescale_and_top_level_t(family, tmp_path):
     run_and_check(tmp_path, cfg)
 
 
+@pytest.mark.slow  # mergekit-yaml in a subprocess
 def test_eleusis_example_on_local_stand_ins(tmp_path_factory, tmp_path):
     from mergekit_partition_slerp.family import Shape, build_family
 
@@ -51,6 +55,7 @@ def test_eleusis_example_on_local_stand_ins(tmp_path_factory, tmp_path):
     assert sorted(set(assignment.values())) == list(range(9))
 
 
+@pytest.mark.slow  # mergekit-yaml in a subprocess
 def test_bins_below_donor_count_is_refused_naming_donors(family, tmp_path):
     cfg = eleusis_like(family, bins=3)
     proc = mergekit_yaml(write_config(tmp_path / "r.yml", cfg), tmp_path / "out")

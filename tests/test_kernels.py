@@ -2,10 +2,11 @@ import threading
 
 import pytest
 import torch
-
 from mergekit.merge_methods import merge_tensors
 from mergekit.merge_methods.slerp import slerp as mk_slerp_kernel
+
 from mergekit_partition_slerp import kernels, partition
+
 from helpers import assert_close_to_ref, bf16_ulp, ref_keep, ref_slerp64
 
 
@@ -52,6 +53,7 @@ def test_rowwise_matches_mergekit_kernel_on_2d_weight():
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # 58M elements and their float64 reference
 def test_large_tensor_stays_slerp_in_float64_accuracy():
     # fp32 norms drift on tens of millions of elements and can turn this slerp
     # (cos ~ 0.96) into a lerp; the float64 reference catches that.

@@ -100,6 +100,7 @@ def test_nan_in_donor_names_model_and_tensor():
         )
 
 
+@pytest.mark.slow  # mergekit-yaml in a subprocess
 def test_merge_state_dicts_matches_yaml_path(family, tmp_path):
     cfg = eleusis_like(family, alias=False, bins=4, seed=2)
     path = write_config(tmp_path / "r.yml", cfg)

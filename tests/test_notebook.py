@@ -7,6 +7,7 @@ import sys
 import ipykernel  # noqa: F401  (the kernel below runs it; all three are in the `test` extra)
 import nbclient
 import nbformat
+import pytest
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "examples", "partition_slerp.ipynb")
 
@@ -41,6 +42,7 @@ def _text(output) -> str:
     return output.get("data", {}).get("text/plain", "")
 
 
+@pytest.mark.slow  # a Jupyter kernel runs the whole notebook
 def test_notebook_runs(tmp_path, monkeypatch):
     for var, sub in (
         ("JUPYTER_PATH", "."),

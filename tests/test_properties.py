@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergekit_partition_slerp import kernels, partition
+
 from helpers import assert_close_to_ref, ref_keep, ref_slerp64
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

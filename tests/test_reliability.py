@@ -14,6 +14,8 @@ from mergekit_partition_slerp.family import load_state_dict, write_checkpoint
 
 from helpers import ENV, check_merge, cli, eleusis_like, mergekit_yaml, read_json, write_config
 
+pytestmark = pytest.mark.slow  # every test runs a console script in a subprocess
+
 
 def clone(family, key, tmp_path, name=None):
     dst = tmp_path / (name or key)
@@ -61,11 +63,19 @@ def test_other_architecture(family, tmp_path):
     expect_exit2(tmp_path, eleusis_like(dict(family, donor2=odd)), "LlamaForCausalLM", odd)
 
 
-@pytest.mark.parametrize("bad", [{"a": 1}, ["x", "y"], [{"filter": "self_attn"}]], ids=["dict", "strings", "no-value"])
-def test_gradient_of_the_wrong_type(family, tmp_path, bad):
+@pytest.mark.parametrize(
+    "bad,where",
+    [
+        ({"a": 1}, "models.1.parameters.t"),
+        (["x", "y"], "{donor1}"),
+        ([{"filter": "self_attn"}], "models.1.parameters.t"),
+    ],
+    ids=["dict", "strings", "no-value"],
+)
+def test_gradient_of_the_wrong_type(family, tmp_path, bad, where):
     cfg = eleusis_like(family)
     cfg["models"][1]["parameters"]["t"] = bad
-    expect_exit2(tmp_path, cfg, "error:")
+    expect_exit2(tmp_path, cfg, "error:", where.format(donor1=family["donor1"]))
 
 
 def test_multi_module_base_is_refused(family, tmp_path):
