@@ -14,12 +14,13 @@ tensor data is read.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+
+from mergekit_partition_slerp.checkpoint import tensor_dtypes
 
 
 class ArchitectureError(ValueError):
@@ -168,41 +169,7 @@ def checkpoint_tensors(ref: Any) -> dict[str, str] | None:
     path = os.path.expanduser(getattr(getattr(ref, "model", None), "path", str(ref)))
     if not os.path.isdir(path):
         return None
-    return _local_tensors(path)
-
-
-def _local_tensors(path: str) -> dict[str, str] | None:
-    for stem in ("model.safetensors", "pytorch_model.bin"):
-        file, index = os.path.join(path, stem), os.path.join(path, stem + ".index.json")
-        if os.path.exists(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
-            out = dict.fromkeys(weight_map, "")
-            if stem.endswith("safetensors"):
-                for shard in sorted(set(weight_map.values())):
-                    header = _safetensors_header(os.path.join(path, shard))
-                    for k, v in (header or {}).items():
-                        if k in out:
-                            out[k] = v
-            return out
-        if os.path.exists(file):
-            return _safetensors_header(file) if stem.endswith("safetensors") else None
-    return None
-
-
-def _safetensors_header(path: str) -> dict[str, str] | None:
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or n > os.path.getsize(path) - 8:
-                return None
-            header = json.loads(f.read(n))
-    except (OSError, ValueError):
-        return None
-    return {k: str(v.get("dtype", "")) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    return tensor_dtypes(path)
 
 
 def _conversion_rules(model_type: str) -> list:

@@ -13,8 +13,9 @@ from typing import Any
 from mergekit_partition_slerp.errors import ConfigError
 
 
-def safetensors_header(path: str) -> dict[str, Any]:
-    """The JSON header of one safetensors file, checked against the file's length (truncation)."""
+def safetensors_header(path: str, check_length: bool = True) -> dict[str, Any]:
+    """The JSON header of one safetensors file, checked against the file's length (truncation)
+    unless only the names are wanted."""
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as f:
@@ -30,7 +31,7 @@ def safetensors_header(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path} has an unreadable header ({error})") from None
     header.pop("__metadata__", None)
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
+    if check_length and 8 + n + end > size:
         raise ConfigError(f"{path} is truncated ({size} bytes, its header describes {8 + n + end})")
     return header
 
@@ -42,3 +43,30 @@ def tensor_sizes(path: str) -> dict[str, int]:
         for tensor, info in safetensors_header(os.path.join(path, name)).items():
             sizes[tensor] = info["data_offsets"][1] - info["data_offsets"][0]
     return sizes
+
+
+def tensor_dtypes(path: str) -> dict[str, str] | None:
+    """{tensor name: dtype} from the files mergekit would read in this order: model.safetensors
+    (.index.json), then pytorch_model.bin(.index.json). Dtypes are known for safetensors only ("" for
+    pickles). None when the names cannot be read without unpickling or a file is broken (the run's
+    preflight names broken files)."""
+    for stem in ("model.safetensors", "pytorch_model.bin"):
+        file, index = os.path.join(path, stem), os.path.join(path, stem + ".index.json")
+        try:
+            if os.path.exists(index):
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+                out = dict.fromkeys(weight_map, "")
+                if stem.endswith("safetensors"):
+                    for shard in sorted(set(weight_map.values())):
+                        for name, info in safetensors_header(os.path.join(path, shard), False).items():
+                            if name in out:
+                                out[name] = str(info.get("dtype", ""))
+                return out
+            if os.path.exists(file):
+                if not stem.endswith("safetensors"):
+                    return None
+                return {name: str(info.get("dtype", "")) for name, info in safetensors_header(file, False).items()}
+        except (OSError, ValueError, KeyError, TypeError):  # ConfigError is a ValueError
+            return None
+    return None
