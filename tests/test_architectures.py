@@ -341,14 +341,12 @@ def run_cli_path(raw: dict, root: str, out: str) -> None:
 
     from mergekit_partition_slerp.planning import build_plan
 
-    try:
-        from mergekit_partition_slerp.runner import run_plan  # type: ignore[import-not-found]
-    except ImportError:
-        from mergekit_partition_slerp.cli import run_plan
+    from mergekit_partition_slerp.runner import run
+
     path = os.path.join(root, "recipe.yml")
     with open(path, "w") as f:
         yaml.safe_dump(raw, f, sort_keys=False)
-    run_plan(build_plan(path), out, MergeOptions(copy_tokenizer=False, quiet=True), quiet=True)
+    run(build_plan(path), out, MergeOptions(copy_tokenizer=False, quiet=True))
 
 
 def run_case(case: Case, root: str) -> Result:

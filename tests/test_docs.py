@@ -47,7 +47,9 @@ LAYERS = 32
 SKIPPED = {
     "pip install torch==2.13.0": "install command",
     "pip install .[test]": "install command",
-    "pip install torch==2.13.0 && pip install -e .[test]": "install command",
+    "pip install torch==2.13.0 && pip install -e .[test,lint]": "install command",
+    "python -m pytest tests -q -m slow": "the slow half of the test suite (long-running dev command)",
+    "ruff check src tests benchmarks && ruff format --check src tests benchmarks && mypy src": "lint and types",
     "python -m pytest tests -q": "the test suite itself (long-running dev command)",
     "python benchmarks/kernel.py && python benchmarks/merge.py": "benchmarks (long-running dev command)",
     "python tests/upstream/run_mergekit_suite.py": "mergekit's own test suite (downloads its sdist, long-running)",
