@@ -340,7 +340,6 @@ def run_cli_path(raw: dict, root: str, out: str) -> None:
     from mergekit.options import MergeOptions
 
     from mergekit_partition_slerp.planning import build_plan
-
     from mergekit_partition_slerp.runner import run
 
     path = os.path.join(root, "recipe.yml")

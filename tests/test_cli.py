@@ -336,7 +336,8 @@ def test_demo_builds_a_model_that_generates(tmp_path, monkeypatch):
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 5
     cfg = str(tmp_path / "demo" / "eleusis-demo.yml")
-    assert len(yaml.safe_load(open(cfg))["models"]) == 9
+    with open(cfg) as f:
+        assert len(yaml.safe_load(f)["models"]) == 9
     check_merge(cfg, str(merged), 12)
 
 

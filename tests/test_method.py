@@ -204,10 +204,16 @@ def test_in_memory_num_layers_is_checked_against_the_tensors():
     donor = {k: v + 0.01 for k, v in base.items()}
     models = {"base": base, "a": donor}
     for wrong in (32, 2):
-        with pytest.raises(Exception, match=f"num_layers = {wrong}, but the tensors given hold 3 layers of model.layers"):
+        with pytest.raises(
+            Exception, match=f"num_layers = {wrong}, but the tensors given hold 3 layers of model.layers"
+        ):
             merge_state_dicts(models, "partition_slerp", base="base", parameters={"t": 0.5, "num_layers": wrong})
     # a state dict holding only some layers (no embeddings or head) may have fewer layers than num_layers
     part = {k: v for k, v in base.items() if k.startswith("model.layers.0.")}
-    merged = merge_state_dicts({"base": part, "a": {k: donor[k] for k in part}}, "partition_slerp", base="base",
-                               parameters={"t": 1.0, "num_layers": 3})
+    merged = merge_state_dicts(
+        {"base": part, "a": {k: donor[k] for k in part}},
+        "partition_slerp",
+        base="base",
+        parameters={"t": 1.0, "num_layers": 3},
+    )
     assert all(torch.equal(merged[k], donor[k]) for k in part)

@@ -12,11 +12,12 @@ import subprocess
 import sys
 
 import pytest
-from helpers import eleusis_like, write_config
 
 from mergekit_partition_slerp import runner
 from mergekit_partition_slerp.errors import ConfigError, MergeError
 from mergekit_partition_slerp.planning import plan
+
+from helpers import eleusis_like, write_config
 
 
 @pytest.fixture

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import sys
 from functools import lru_cache
-from typing import List, Optional, Tuple, Union
+from typing import Annotated, Union
 
 import torch
-from pydantic import Field
-from typing_extensions import Annotated
-
 from mergekit.merge_methods.base import (
     BasePolicy,
     FunctionalGroupMergeMethod,
@@ -26,6 +23,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 from mergekit.merge_methods.easy_define import merge_method
+from pydantic import Field
 
 from mergekit_partition_slerp import kernels, partition
 from mergekit_partition_slerp.layers import LayerError, layer_from_name, locate
@@ -34,8 +32,8 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 DropRate = Annotated[float, Field(ge=0, lt=1)]
 # Lists are gradients for the in-memory API; on the YAML path mergekit has
 # already resolved them to the layer's float.
-TValue = Union[Fraction, Annotated[List[Fraction], Field(min_length=1)]]
-DropValue = Union[DropRate, Annotated[List[DropRate], Field(min_length=1)]]
+TValue = Union[Fraction, Annotated[list[Fraction], Field(min_length=1)]]  # noqa: UP007 (a runtime alias)
+DropValue = Union[DropRate, Annotated[list[DropRate], Field(min_length=1)]]  # noqa: UP007
 PositiveInt = Annotated[int, Field(ge=1)]
 Seed = Annotated[int, Field(ge=0, lt=2**64)]
 
@@ -45,7 +43,7 @@ class PartitionSlerpError(ValueError):
 
 
 @lru_cache(maxsize=256)
-def _bins(stack: str, num_layers: int, bins: int, seed: int) -> Tuple[int, ...]:
+def _bins(stack: str, num_layers: int, bins: int, seed: int) -> tuple[int, ...]:
     return tuple(partition.layer_bins(stack, num_layers, bins, seed))
 
 
@@ -60,7 +58,8 @@ def _at(value, name: str, position: float) -> float:
 @merge_method(
     name="partition_slerp",
     pretty_name="Partition SLERP",
-    reference_url="https://pypi.org/project/mergekit-partition-slerp/",  # the release page: its README holds the semantics
+    # the release page (its README holds the semantics); the model cards mergekit writes link to it
+    reference_url="https://pypi.org/project/mergekit-partition-slerp/",
     optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
     contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2),
 )
@@ -69,10 +68,10 @@ def partition_slerp(
     t: PerNonBase[TValue],
     drop_rate: PerNonBase[DropValue] = 0.0,
     rescale: bool = False,
-    bins: Optional[PositiveInt] = None,
+    bins: PositiveInt | None = None,
     seed: Seed = 0,
     rowwise: bool = False,
-    num_layers: Optional[PositiveInt] = None,
+    num_layers: PositiveInt | None = None,
 ) -> torch.Tensor:
     base, donors = group.base, group.non_base
     name = group.metadata.name
@@ -88,7 +87,9 @@ def partition_slerp(
     n_bins = len(donors) if bins is None else bins
     # a compiled per-layer slice hands us only this layer's donor: then only the layer count limits bins
     single = len(donors) == 1
-    problem = partition.bins_problem(n_bins, layer.num_layers, [] if single else [str(d.id) for d in donors], layer.stack)
+    problem = partition.bins_problem(
+        n_bins, layer.num_layers, [] if single else [str(d.id) for d in donors], layer.stack
+    )
     if problem:
         raise PartitionSlerpError(f"partition_slerp (at {name}): {problem}")
     if single:
@@ -149,11 +150,11 @@ def _check_num_layers(groups, num_layers) -> None:
         return  # mergekit's architecture info decides (layers.locate)
     names = [g.metadata.name for g in groups]
     found = [layer_from_name(n) for n in names]
-    stacks = {}
+    stacks: dict[str, int] = {}
     for hit in found:
         if hit is not None:
             stacks[hit[0]] = max(stacks.get(hit[0], -1), hit[1])
-    whole_model = any(hit is None and n for hit, n in zip(found, names))  # embeddings, norms, lm_head too
+    whole_model = any(hit is None and n for hit, n in zip(found, names, strict=True))  # embeddings, norms, lm_head too
     for stack, top in stacks.items():
         if top >= num_layers or (whole_model and top + 1 != num_layers):
             raise PartitionSlerpError(
@@ -212,9 +213,10 @@ def register() -> None:
 
     for existing in registry.registered_methods():
         if existing.spec.name == partition_slerp.spec.name:
-            same = existing is partition_slerp or getattr(
-                getattr(existing, "implementation", None), "__module__", None
-            ) == __name__
+            same = (
+                existing is partition_slerp
+                or getattr(getattr(existing, "implementation", None), "__module__", None) == __name__
+            )
             if same:
                 return
     registry.register(partition_slerp)

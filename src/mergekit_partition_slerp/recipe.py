@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import math
 import os
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Union
@@ -101,7 +102,7 @@ def _describe(name: str, value_type: Any, per_donor: bool, default: Any, require
     # Optional[X] / Union[X, List[X]]: the scalar member carries the bounds
     while True:
         origin = get_origin(scalar)
-        if origin is Union:
+        if origin is Union or origin is types.UnionType:  # Optional[X], X | None, Union[X, list[X]]
             members = [m for m in get_args(scalar) if m is not type(None)]
             lists = [m for m in members if _is_list(m)]
             gradient = gradient or bool(lists)

@@ -27,10 +27,18 @@ It is copied to ``<extracted sdist>/tests/common.py`` by
 import itertools
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Union
 
 import torch
+from mergekit.architecture import ConfiguredModelArchitecture, arch_info_for_config
+from mergekit.architecture.auto import infer_architecture_info
+from mergekit.common import ModelReference
+from mergekit.config import MergeConfiguration
+from mergekit.io import LazyTensorLoader
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
 from transformers import (
     AutoConfig,
     CLIPVisionConfig,
@@ -44,15 +52,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from mergekit.architecture import ConfiguredModelArchitecture, arch_info_for_config
-from mergekit.architecture.auto import infer_architecture_info
-from mergekit.common import ModelReference
-from mergekit.config import MergeConfiguration
-from mergekit.io import LazyTensorLoader
-from mergekit.merge import run_merge
-from mergekit.options import MergeOptions
-
-PathLike = Union[str, os.PathLike]
+PathLike = Union[str, os.PathLike]  # noqa: UP007 (a runtime alias)
 
 # Each generated checkpoint gets its own seed, so two fixtures built with the
 # same helper hold different weights, yet a run is reproducible.
@@ -162,9 +162,7 @@ def check_output(
     check_tensors: bool = True,
     auto_arch: bool = False,
 ) -> None:
-    assert os.path.exists(os.path.join(out_path, "config.json")), (
-        "merge wrote no config.json"
-    )
+    assert os.path.exists(os.path.join(out_path, "config.json")), "merge wrote no config.json"
     assert _has_weights(out_path), "merge wrote no model weights"
     loader = LazyTensorLoader.from_disk(out_path)
     present = set(loader.index.tensor_paths)
@@ -190,12 +188,12 @@ def check_output(
 
 def run_and_check_merge(
     config: MergeConfiguration,
-    validate: Optional[Callable[[str], None]] = None,
+    validate: Callable[[str], None] | None = None,
     *,
     check_nan: bool = True,
     check_tensors: bool = True,
     auto_arch: bool = False,
-    options: Optional[MergeOptions] = None,
+    options: MergeOptions | None = None,
 ) -> None:
     """Run ``config`` into a temporary directory, check the result, then hand
     the output path to ``validate``. Merge errors propagate unchanged (some

@@ -147,9 +147,7 @@ def pytest_env(work: Path) -> dict:
     # The tests import `tests.common` / `tests.test_tokenizer`, so the parent
     # of tests/ must be importable. It holds nothing but tests/ (never the
     # sdist's mergekit/), so `import mergekit` still finds the installed one.
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [str(work), env.get("PYTHONPATH", "")] if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(work), env.get("PYTHONPATH", "")] if p)
     return env
 
 
@@ -198,8 +196,7 @@ def parse_junit(path: Path) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        description="Run mergekit 0.1.5's test-suite against the installed mergekit "
-        "(with partition_slerp registered).",
+        description="Run mergekit 0.1.5's test-suite against the installed mergekit (with partition_slerp registered).",
     )
     parser.add_argument(
         "--cache",
