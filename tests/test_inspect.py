@@ -18,14 +18,14 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import BIN
+from reference import eleusis_like, write_config
 from safetensors.torch import load_file, save_file
 
-from conftest import BIN
 from mergekit_partition_slerp.cli import main
 from mergekit_partition_slerp.family import Shape, build_family
 from mergekit_partition_slerp.inspection import explain, inspect, verify
 from mergekit_partition_slerp.planning import plan
-from reference import eleusis_like, write_config
 
 ENV = {"HF_HUB_OFFLINE": "1"}
 GRAD_IN = [{"filter": "self_attn", "value": 0.03}, {"value": [1, 0]}]
@@ -57,18 +57,30 @@ def recipes(fam):
         "eleusis": eleusis_like(fam, bins=5, seed=7),
         # rowwise slerp, drop on every tensor, a constant t per donor, other seed and bins
         "rowwise": {
-            "merge_method": "partition_slerp", "base_model": fam["base"], "parameters": shared_rowwise,
-            "models": [{"model": d, "parameters": {"t": t}} for d, t in zip(donors4, (0.35, 0.8, 0.55, 1.0))],
+            "merge_method": "partition_slerp",
+            "base_model": fam["base"],
+            "parameters": shared_rowwise,
+            "models": [
+                {"model": d, "parameters": {"t": t}} for d, t in zip(donors4, (0.35, 0.8, 0.55, 1.0), strict=True)
+            ],
             "dtype": "bfloat16",
         },
         # merge in float32, write bfloat16: mergekit casts inputs before the method and the output after
         "casts": {
-            "merge_method": "partition_slerp", "base_model": fam["base"],
-            "parameters": {"bins": 3, "seed": 123456789, "drop_rate": [{"filter": "mlp", "value": 0.5}, {"value": 0.0}]},
-            "models": [{"model": donors4[0], "parameters": {"t": [0.2, 0.9]}},
-                       {"model": donors4[2], "parameters": {"t": GRAD_IN}},
-                       {"model": donors4[3], "parameters": {"t": 0.65}}],
-            "dtype": "float32", "out_dtype": "bfloat16",
+            "merge_method": "partition_slerp",
+            "base_model": fam["base"],
+            "parameters": {
+                "bins": 3,
+                "seed": 123456789,
+                "drop_rate": [{"filter": "mlp", "value": 0.5}, {"value": 0.0}],
+            },
+            "models": [
+                {"model": donors4[0], "parameters": {"t": [0.2, 0.9]}},
+                {"model": donors4[2], "parameters": {"t": GRAD_IN}},
+                {"model": donors4[3], "parameters": {"t": 0.65}},
+            ],
+            "dtype": "float32",
+            "out_dtype": "bfloat16",
         },
     }
 
@@ -101,7 +113,7 @@ def test_explain_recovers_donor_t_and_drop(family, merges, case):
     got = explain(out, family["base"], donors)
     assert got.num_layers == truth.num_layers and got.stack == truth.stack
     assert all(got.non_layer_equal_base.values()) and set(got.non_layer_equal_base) == set(truth.non_layer)
-    for want, row in zip(truth.layers, got.layers):
+    for want, row in zip(truth.layers, got.layers, strict=False):
         i = want["layer"]
         moved_any = any(t > 0 for t in want["t"].values())
         assert moved_any, "every recipe here moves some tensor of every layer"
@@ -128,21 +140,28 @@ def test_explain_recovers_donor_t_and_drop(family, merges, case):
                 # binomial (the mask is independent of the values), plus one element of rounding slack
                 bound = 5 * math.sqrt(p * (1 - p) / n) + 1 / n
                 assert abs(row["drop_rate"][suffix] - p) <= bound, (i, suffix, row["drop_rate"][suffix], p, n)
-        if case == "rowwise" and 0 < min(want["t"].values()) and max(want["t"].values()) < 1:
+        if case == "rowwise" and min(want["t"].values()) > 0 and max(want["t"].values()) < 1:
             assert row.get("rowwise") is True, f"layer {i} not recognised as rowwise"
 
 
 def test_explain_t_zero_layers_and_identical_donors(family, tmp_path):
     # donor1 at t 0 everywhere: its layers never move; a symlinked copy of donor0 is indistinguishable from it
-    cfg = {"merge_method": "partition_slerp", "base_model": family["base"], "parameters": {"bins": 2, "seed": 5},
-           "models": [{"model": family["donor0"], "parameters": {"t": 0.6}},
-                      {"model": family["donor1"], "parameters": {"t": 0.0}}], "dtype": "bfloat16"}
+    cfg = {
+        "merge_method": "partition_slerp",
+        "base_model": family["base"],
+        "parameters": {"bins": 2, "seed": 5},
+        "models": [
+            {"model": family["donor0"], "parameters": {"t": 0.6}},
+            {"model": family["donor1"], "parameters": {"t": 0.0}},
+        ],
+        "dtype": "bfloat16",
+    }
     recipe, out = run_merge(tmp_path, "zero", cfg)
     truth = plan(recipe)
     twin = str(tmp_path / "twin-of-donor0")
     os.symlink(family["donor0"], twin)
     got = explain(out, family["base"], [family["donor0"], family["donor1"], twin])
-    for want, row in zip(truth.layers, got.layers):
+    for want, row in zip(truth.layers, got.layers, strict=False):
         if want["donor_index"] == 1:  # t == 0: nothing to see
             assert row["donor"] is None and row["confidence"] is None and "nothing moved" in row["note"]
             assert all(v is None for v in row["t"].values())
@@ -164,7 +183,7 @@ def test_explain_cli_json_png_and_recipe_models(family, merges, tmp_path):
     assert data["seed"] is None and data["bins"] is None
     truth = plan(recipe)
     assert [r["donor"] for r in data["layers"]] == [model_of(r["donor"]) for r in truth.layers]
-    assert all(set(r["t"]) == set(w["t"]) for r, w in zip(data["layers"], truth.layers))
+    assert all(set(r["t"]) == set(w["t"]) for r, w in zip(data["layers"], truth.layers, strict=False))
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = cli(*args)
     assert table.exit_code == 0 and "confidence" in table.stdout and "base (bit for bit)" in table.stdout
@@ -172,7 +191,7 @@ def test_explain_cli_json_png_and_recipe_models(family, merges, tmp_path):
     from_recipe = cli("inspect", out, "--recipe", recipe, "--explain", "--json")
     assert from_recipe.exit_code == 0, from_recipe.output
     rows = json.loads(from_recipe.stdout)["layers"]
-    for r, w in zip(rows, truth.layers):
+    for r, w in zip(rows, truth.layers, strict=False):
         if model_of(w["donor"]) == family["donor0"]:
             assert r["donor"] is None and sorted(r["candidate_indices"]) == [0, 4]
         else:
@@ -236,8 +255,13 @@ def test_verify_fails_on_a_layer_from_another_seed(merges, tmp_path):
     _, other = merges["eleusis_seed8"]
     theirs = load_file(os.path.join(other, "model.safetensors"))
     ours = load_file(os.path.join(out, "model.safetensors"))
-    layer = next(i for i in range(8) if not torch.equal(theirs[f"model.layers.{i}.self_attn.q_proj.weight"],
-                                                       ours[f"model.layers.{i}.self_attn.q_proj.weight"]))
+    layer = next(
+        i
+        for i in range(8)
+        if not torch.equal(
+            theirs[f"model.layers.{i}.self_attn.q_proj.weight"], ours[f"model.layers.{i}.self_attn.q_proj.weight"]
+        )
+    )
     bad = _copy(out, tmp_path / "bad")
     _edit(bad, lambda sd: sd.update({k: v for k, v in theirs.items() if k.startswith(f"model.layers.{layer}.")}))
     result = cli("inspect", bad, "--recipe", recipe, "--all")
@@ -275,7 +299,10 @@ def test_verify_checks_non_layer_tensors_tensor_set_and_dtypes(family, merges, t
     assert result.exit_code == 1 and "model.layers.3.mlp.up_proj.weight" in result.stdout
 
     widened = _copy(out, tmp_path / "f32")
-    _edit(widened, lambda sd: sd.update({"model.layers.2.mlp.up_proj.weight": sd["model.layers.2.mlp.up_proj.weight"].float()}))
+    _edit(
+        widened,
+        lambda sd: sd.update({"model.layers.2.mlp.up_proj.weight": sd["model.layers.2.mlp.up_proj.weight"].float()}),
+    )
     result = cli("inspect", widened, "--recipe", recipe, "--all")
     assert result.exit_code == 1 and "model.layers.2.mlp.up_proj.weight" in result.stderr and "dtype" in result.stderr
 
@@ -295,9 +322,16 @@ def test_verify_sample_reads_less_and_is_repeatable(merges):
 
 def test_verify_and_explain_sharded_checkpoints(tmp_path):
     fam = build_family(str(tmp_path / "fam"), donors=2, shape=Shape(num_hidden_layers=4), seed=9, shards=3)
-    cfg = {"merge_method": "partition_slerp", "base_model": fam["base"], "parameters": {"bins": 2, "seed": 2},
-           "models": [{"model": fam["donor0"], "parameters": {"t": 0.7}}, {"model": fam["donor1"], "parameters": {"t": 0.25}}],
-           "dtype": "bfloat16"}
+    cfg = {
+        "merge_method": "partition_slerp",
+        "base_model": fam["base"],
+        "parameters": {"bins": 2, "seed": 2},
+        "models": [
+            {"model": fam["donor0"], "parameters": {"t": 0.7}},
+            {"model": fam["donor1"], "parameters": {"t": 0.25}},
+        ],
+        "dtype": "bfloat16",
+    }
     recipe, out = run_merge(tmp_path, "sharded", cfg, "--out-shard-size", "40K")
     assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
     assert cli("inspect", out, "--recipe", recipe).exit_code == 0
@@ -347,7 +381,8 @@ def test_recipe_yaml_round_trip_note(merges, tmp_path):
     """A reformatted copy of the recipe is the same recipe: verify passes and says so."""
     recipe, out = merges["rowwise"]
     reformatted = tmp_path / "reformatted.yml"
-    reformatted.write_text(yaml.safe_dump(yaml.safe_load(open(recipe)), sort_keys=True, indent=4))
+    with open(recipe) as f:
+        reformatted.write_text(yaml.safe_dump(yaml.safe_load(f), sort_keys=True, indent=4))
     result = cli("inspect", out, "--recipe", reformatted)
     # partition.json records the sha256 of the file the merge was made from: said, not a failure
     assert result.exit_code == 0 and "is not this file's" in result.stdout

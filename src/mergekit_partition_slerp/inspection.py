@@ -16,8 +16,9 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
@@ -33,8 +34,20 @@ REFINE_SAMPLE = 1 << 15  # moved elements used to refine t
 SCORE_SLACK = 0.002  # share of sampled elements t_range may miss
 AMBIGUOUS = 0.5  # below this layer confidence, the donor is reported as unknown
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
-_ST_SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_SIZES = {
+    "BF16": 2,
+    "F16": 2,
+    "F32": 4,
+    "F64": 8,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 class InspectError(ValueError):
@@ -73,7 +86,7 @@ def _resolve(spec: str, label: str) -> str:
 class _Entry:
     file: str
     dtype: str
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     nbytes: int
 
 
@@ -83,9 +96,9 @@ class Checkpoint:
     def __init__(self, spec: str, label: str):
         self.spec, self.label = str(spec), label
         self.path = _resolve(spec, label)
-        self.entries: Dict[str, _Entry] = {}
+        self.entries: dict[str, _Entry] = {}
         self.bytes_read = 0
-        self._handles: Dict[str, Any] = {}
+        self._handles: dict[str, Any] = {}
         index = os.path.join(self.path, "model.safetensors.index.json")
         if os.path.exists(index):
             try:
@@ -98,7 +111,9 @@ class Checkpoint:
         if not files:
             has_pickle = any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(self.path))
             more = " It has only pickle weights (.bin): convert them to safetensors first." if has_pickle else ""
-            raise InspectError(f"{label} {spec} ({self.path}) has no *.safetensors weights; inspect reads safetensors only.{more}")
+            raise InspectError(
+                f"{label} {spec} ({self.path}) has no *.safetensors weights; inspect reads safetensors only.{more}"
+            )
         for name in files:
             self._read_header(os.path.join(self.path, name))
 
@@ -112,7 +127,9 @@ class Checkpoint:
                     raise ValueError("header longer than the file")
                 header = json.loads(f.read(n))
         except (OSError, ValueError) as error:
-            raise InspectError(f"{self.label} {self.spec}: {file} is not a readable safetensors file ({error}).") from None
+            raise InspectError(
+                f"{self.label} {self.spec}: {file} is not a readable safetensors file ({error})."
+            ) from None
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -121,7 +138,7 @@ class Checkpoint:
                 raise InspectError(f"{self.label} {self.spec}: {file} is truncated (tensor {name} ends past the file).")
             self.entries[name] = _Entry(file, info["dtype"], tuple(info["shape"]), end - start)
 
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         return list(self.entries)
 
     def nbytes(self, name: str) -> int:
@@ -147,7 +164,7 @@ class _Models:
     """One Checkpoint per directory (a donor listed twice, as path and path@main, is read once per use)."""
 
     def __init__(self):
-        self.by_path: Dict[str, Checkpoint] = {}
+        self.by_path: dict[str, Checkpoint] = {}
 
     def open(self, spec: str, label: str) -> Checkpoint:
         ck = Checkpoint(spec, label)
@@ -187,7 +204,7 @@ def recompute_tensor(
     return out.clone()
 
 
-def _dtype(name: Optional[str], key: str) -> Optional[torch.dtype]:
+def _dtype(name: str | None, key: str) -> torch.dtype | None:
     if not name:
         return None
     short = str(name).removeprefix("torch.")
@@ -196,11 +213,16 @@ def _dtype(name: Optional[str], key: str) -> Optional[torch.dtype]:
     return _DTYPES[short]
 
 
-def _cast(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return x if dtype is None or x.dtype == dtype else x.to(dtype)
 
 
-_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+_INT_VIEW = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
 
 
 @dataclass
@@ -224,18 +246,32 @@ class TensorCheck:
             return f"DIFFERS: {self.differing} of {self.elements} elements ({frac:.3%}), max {self.max_ulp} ulp"
         return f"{self.status.upper()}: {self.detail}"
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         frac = self.differing / self.elements if self.elements else None
-        return {"name": self.name, "status": self.status, "elements": self.elements, "differing": self.differing,
-                "fraction": frac, "max_ulp": self.max_ulp, "detail": self.detail or None}
+        return {
+            "name": self.name,
+            "status": self.status,
+            "elements": self.elements,
+            "differing": self.differing,
+            "fraction": frac,
+            "max_ulp": self.max_ulp,
+            "detail": self.detail or None,
+        }
 
 
 def compare(name: str, expected: torch.Tensor, actual: torch.Tensor) -> TensorCheck:
     """Bit comparison; ulp distance on the sign-magnitude integer line."""
     if expected.dtype != actual.dtype:
-        return TensorCheck(name, "differs", expected.numel(), detail=f"dtype is {_dtype_name(actual.dtype)}, expected {_dtype_name(expected.dtype)}")
+        return TensorCheck(
+            name,
+            "differs",
+            expected.numel(),
+            detail=f"dtype is {_dtype_name(actual.dtype)}, expected {_dtype_name(expected.dtype)}",
+        )
     if tuple(expected.shape) != tuple(actual.shape):
-        return TensorCheck(name, "differs", expected.numel(), detail=f"shape is {list(actual.shape)}, expected {list(expected.shape)}")
+        return TensorCheck(
+            name, "differs", expected.numel(), detail=f"shape is {list(actual.shape)}, expected {list(expected.shape)}"
+        )
     iv = _INT_VIEW.get(expected.dtype)
     if iv is None:  # integer or bool buffers: equal or not
         diff = int((expected != actual).sum())
@@ -269,12 +305,12 @@ class VerifyReport:
     merged: str
     recipe: str
     plan: Any
-    layers_checked: List[int]
-    sample_seed: Optional[int]
+    layers_checked: list[int]
+    sample_seed: int | None
     sampled: bool
-    tensors: List[TensorCheck] = field(default_factory=list)
-    findings: List[str] = field(default_factory=list)  # tensor set, dtypes, partition.json, mergekit_config.yml
-    notes: List[str] = field(default_factory=list)
+    tensors: list[TensorCheck] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # tensor set, dtypes, partition.json, mergekit_config.yml
+    notes: list[str] = field(default_factory=list)
     bytes_read: int = 0
     rebuild_bytes: int = 0
     full_check_bytes: int = 0
@@ -283,20 +319,32 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.findings and all(c.ok for c in self.tensors)
 
-    def first_difference(self) -> Optional[str]:
+    def first_difference(self) -> str | None:
         for c in self.tensors:
             if not c.ok:
                 return f"tensor {c.name}: {c.describe()}"
         return self.findings[0] if self.findings else None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": "mergekit-partition/verify", "version": 1, "merged": self.merged, "recipe": self.recipe,
-            "verdict": "identical" if self.ok else "differs", "first_difference": self.first_difference(),
-            "seed": self.plan.seed, "bins": self.plan.bins, "num_layers": self.plan.num_layers,
-            "layers_checked": self.layers_checked, "sampled": self.sampled, "sample_seed": self.sample_seed,
-            "tensors": [c.to_dict() for c in self.tensors], "findings": self.findings, "notes": self.notes,
-            "bytes_read": self.bytes_read, "rebuild_bytes": self.rebuild_bytes, "full_check_bytes": self.full_check_bytes,
+            "schema": "mergekit-partition/verify",
+            "version": 1,
+            "merged": self.merged,
+            "recipe": self.recipe,
+            "verdict": "identical" if self.ok else "differs",
+            "first_difference": self.first_difference(),
+            "seed": self.plan.seed,
+            "bins": self.plan.bins,
+            "num_layers": self.plan.num_layers,
+            "layers_checked": self.layers_checked,
+            "sampled": self.sampled,
+            "sample_seed": self.sample_seed,
+            "tensors": [c.to_dict() for c in self.tensors],
+            "findings": self.findings,
+            "notes": self.notes,
+            "bytes_read": self.bytes_read,
+            "rebuild_bytes": self.rebuild_bytes,
+            "full_check_bytes": self.full_check_bytes,
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -304,10 +352,16 @@ class VerifyReport:
 
     def __str__(self) -> str:
         p = self.plan
-        lines = [f"verify {self.merged}", f"  against {self.recipe}: seed {p.seed}, {p.bins} bins, {p.num_layers} layers of {p.stack}"]
+        lines = [
+            f"verify {self.merged}",
+            f"  against {self.recipe}: seed {p.seed}, {p.bins} bins, {p.num_layers} layers of {p.stack}",
+        ]
         if self.sampled:
-            lines.append(f"  layers checked: {', '.join(map(str, self.layers_checked))} of {p.num_layers} "
-                         f"(sample seed {self.sample_seed}; --sample-seed {self.sample_seed} repeats it, --all checks every layer)")
+            lines.append(
+                f"  layers checked: {', '.join(map(str, self.layers_checked))} of {p.num_layers} "
+                f"(sample seed {self.sample_seed}; --sample-seed {self.sample_seed} repeats it, "
+                "--all checks every layer)"
+            )
         else:
             lines.append(f"  layers checked: all {p.num_layers}")
         width = max((len(c.name) for c in self.tensors), default=0)
@@ -315,10 +369,15 @@ class VerifyReport:
             lines.append(f"  {c.name.ljust(width)}  {c.describe()}")
         lines += [f"  {n}" for n in self.notes]
         lines += [f"  DIFFERS: {f}" for f in self.findings]
-        lines.append(f"  read {_human(self.bytes_read)} (checking every layer reads {_human(self.full_check_bytes)}; "
-                     f"a full rebuild reads {_human(self.rebuild_bytes)})")
+        lines.append(
+            f"  read {_human(self.bytes_read)} (checking every layer reads {_human(self.full_check_bytes)}; "
+            f"a full rebuild reads {_human(self.rebuild_bytes)})"
+        )
         if self.ok:
-            lines.append(f"verdict: OK, every checked tensor is bit-identical to what the recipe produces ({len(self.tensors)} tensors)")
+            lines.append(
+                "verdict: OK, every checked tensor is bit-identical to what the recipe produces "
+                f"({len(self.tensors)} tensors)"
+            )
         else:
             bad = sum(not c.ok for c in self.tensors) + len(self.findings)
             lines.append(f"verdict: DIFFERS ({bad} problem(s)); first: {self.first_difference()}")
@@ -333,7 +392,7 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-def _layer_names(plan) -> Dict[int, List[Tuple[str, str]]]:
+def _layer_names(plan) -> dict[int, list[tuple[str, str]]]:
     """{layer: [(full tensor name, suffix), ...]} from the plan's rows."""
     return {r["layer"]: [(f"{plan.stack}.{r['layer']}.{s}", s) for s in r["t"]] for r in plan.layers}
 
@@ -351,10 +410,10 @@ def verify(
     merged: str,
     recipe,
     *,
-    layers: Optional[int] = None,
+    layers: int | None = None,
     all_layers: bool = False,
-    sample_seed: Optional[int] = None,
-    log: Optional[Callable[[str], None]] = None,
+    sample_seed: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> VerifyReport:
     """Recompute layers of `merged` from the recipe's base and donors; compare bits.
 
@@ -372,7 +431,9 @@ def verify(
         base = models.open(p.base, "base model")
         donors = [models.open(d, f"donor {k}") for k, d in enumerate(p.donors)]
         names = _layer_names(p)
-        report = VerifyReport(merged=merged, recipe=str(p.source or recipe), plan=p, layers_checked=[], sample_seed=None, sampled=False)
+        report = VerifyReport(
+            merged=merged, recipe=str(p.source or recipe), plan=p, layers_checked=[], sample_seed=None, sampled=False
+        )
 
         # the tensor set mergekit writes: every architecture weight the base has
         expected = [n for n in p.non_layer if n in base.entries]
@@ -403,7 +464,9 @@ def verify(
                 total += donors[row["donor_index"]].nbytes(n) if t != 0 else 0
             return total
 
-        non_layer_cost = sum(out.nbytes(n) + base.nbytes(n) for n in p.non_layer if n in out.entries and n in base.entries)
+        non_layer_cost = sum(
+            out.nbytes(n) + base.nbytes(n) for n in p.non_layer if n in out.entries and n in base.entries
+        )
         per_layer = [layer_cost(i) for i in range(p.num_layers)]
         report.full_check_bytes = non_layer_cost + sum(per_layer)
         report.rebuild_bytes = sum(base.nbytes(n) for n in expected) + sum(
@@ -415,7 +478,10 @@ def verify(
             chosen = list(range(p.num_layers))
         elif layers is None and report.full_check_bytes <= AUTO_ALL_BYTES:
             chosen = list(range(p.num_layers))
-            report.notes.append(f"small model: every layer checked (the whole check reads under {_human(AUTO_ALL_BYTES)}; --layers K samples)")
+            report.notes.append(
+                f"small model: every layer checked (the whole check reads under {_human(AUTO_ALL_BYTES)}; "
+                "--layers K samples)"
+            )
         else:
             k = DEFAULT_SAMPLE if layers is None else layers
             if k < 1:
@@ -447,11 +513,21 @@ def verify(
                 a = _cast(base.get(n), in_dtype) if not (t == 1 and q == 0) else None
                 b = _cast(donor.get(n), in_dtype) if t != 0 else None
                 try:
-                    want = recompute_tensor(n, a if a is not None else b, b if b is not None else a, t, q,
-                                            seed=p.seed, rescale=rescale, rowwise=rowwise)
+                    want = recompute_tensor(
+                        n,
+                        a if a is not None else b,
+                        b if b is not None else a,
+                        t,
+                        q,
+                        seed=p.seed,
+                        rescale=rescale,
+                        rowwise=rowwise,
+                    )
                 except kernels.NonFiniteError as error:
                     who = "base model" if error.which == 0 else f"donor {row['donor']}"
-                    raise InspectError(f"tensor {n} of {who} contains NaN or Inf; the recipe cannot produce a merge from it.") from None
+                    raise InspectError(
+                        f"tensor {n} of {who} contains NaN or Inf; the recipe cannot produce a merge from it."
+                    ) from None
                 del a, b
                 report.tensors.append(compare(n, _cast(want, out_dtype), out.get(n)))
                 del want
@@ -484,11 +560,15 @@ def _check_records(report: VerifyReport, path: str, p) -> None:
             if bad:
                 report.findings.append("partition.json: " + "; ".join(bad))
             elif data.get("config_sha256") == p.config_sha256:
-                report.notes.append(f"partition.json: seed {p.seed}, bins {p.bins}, config sha256 {p.config_sha256[:12]}..., same plan")
+                report.notes.append(
+                    f"partition.json: seed {p.seed}, bins {p.bins}, config sha256 {p.config_sha256[:12]}..., same plan"
+                )
             else:
                 # a re-saved or re-indented copy of the recipe: different bytes, same plan
-                report.notes.append(f"partition.json: seed {p.seed}, bins {p.bins}, same plan; its config_sha256 "
-                                    f"{str(data.get('config_sha256'))[:12]}... is not this file's ({p.config_sha256[:12]}...)")
+                report.notes.append(
+                    f"partition.json: seed {p.seed}, bins {p.bins}, same plan; its config_sha256 "
+                    f"{str(data.get('config_sha256'))[:12]}... is not this file's ({p.config_sha256[:12]}...)"
+                )
     card = os.path.join(path, "mergekit_config.yml")
     if os.path.exists(card):
         import hashlib
@@ -507,7 +587,10 @@ def _check_records(report: VerifyReport, path: str, p) -> None:
             if same:
                 report.notes.append("mergekit_config.yml: the same recipe (formatting differs)")
             else:
-                report.findings.append("mergekit_config.yml: the merge says it was made from a different recipe (sha256 and content differ)")
+                report.findings.append(
+                    "mergekit_config.yml: the merge says it was made from a different recipe "
+                    "(sha256 and content differ)"
+                )
     if not os.path.exists(record) and not os.path.exists(card):
         report.notes.append("no partition.json or mergekit_config.yml next to the weights (checked the tensors only)")
 
@@ -515,7 +598,7 @@ def _check_records(report: VerifyReport, path: str, p) -> None:
 # --------------------------------------------------------------------------- explain
 
 
-def _slerp_coefficients(t: float, dot: torch.Tensor, lerp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _slerp_coefficients(t: float, dot: torch.Tensor, lerp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(ca, cb) per row, the kernel's rule: lerp where flagged, slerp elsewhere (float64)."""
     theta = torch.arccos(dot.clamp(-1, 1))
     s = torch.sin(theta)
@@ -540,14 +623,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 class _TensorFit:
     moved: int  # elements where the merge differs from the base
     numel: int
-    residual: Dict[int, float]  # donor -> least-squares residual of merged - base on (base, donor - base)
-    cosine: Dict[int, float]  # donor -> cos(merged - base, donor - base)
-    t: Dict[int, Optional[float]] = field(default_factory=dict)
-    drop: Dict[int, Optional[float]] = field(default_factory=dict)
-    explained: Dict[int, float] = field(default_factory=dict)  # share of elements equal to the prediction or the base
-    rowwise: Dict[int, Optional[bool]] = field(default_factory=dict)
-    t_range: Dict[int, Tuple[float, float]] = field(default_factory=dict)  # t values reproducing the most elements
-    informative: Dict[int, int] = field(default_factory=dict)  # elements the slerp moves: the drop rate's sample
+    residual: dict[int, float]  # donor -> least-squares residual of merged - base on (base, donor - base)
+    cosine: dict[int, float]  # donor -> cos(merged - base, donor - base)
+    t: dict[int, float | None] = field(default_factory=dict)
+    drop: dict[int, float | None] = field(default_factory=dict)
+    explained: dict[int, float] = field(default_factory=dict)  # share of elements equal to the prediction or the base
+    rowwise: dict[int, bool | None] = field(default_factory=dict)
+    t_range: dict[int, tuple[float, float]] = field(default_factory=dict)  # t values reproducing the most elements
+    informative: dict[int, int] = field(default_factory=dict)  # elements the slerp moves: the drop rate's sample
 
 
 def _stats(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor, moved: torch.Tensor):
@@ -576,8 +659,12 @@ def _solve(saa, sae, see, say, sey, syy):
     ok = det > 1e-300
     safe = torch.where(ok, det, torch.ones_like(det))
     gamma = torch.where(ok, (say * see - sey * sae) / safe, torch.zeros_like(det))
-    beta = torch.where(ok, (sey * saa - say * sae) / safe, torch.where(see > 0, sey / torch.where(see > 0, see, 1.0), 0.0))
-    residual = (syy - 2 * gamma * say - 2 * beta * sey + gamma * gamma * saa + 2 * gamma * beta * sae + beta * beta * see).clamp_min(0)
+    beta = torch.where(
+        ok, (sey * saa - say * sae) / safe, torch.where(see > 0, sey / torch.where(see > 0, see, 1.0), 0.0)
+    )
+    residual = (
+        syy - 2 * gamma * say - 2 * beta * sey + gamma * gamma * saa + 2 * gamma * beta * sae + beta * beta * see
+    ).clamp_min(0)
     return gamma, beta, residual
 
 
@@ -587,6 +674,20 @@ def _predict(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.Tenso
     a2, b2 = _rows(a), _rows(b)
     out = (b2.to(wd) * cb.to(wd)[:, None]).add_(a2.to(wd) * ca.to(wd)[:, None])
     return out.to(a.dtype).reshape(a.shape)
+
+
+def _predict_at(t, x, y, rows, dot, lerp, rowwise: bool, p_hat: float | None) -> torch.Tensor:
+    """The method's output at t for flat elements x (base), y (donor) in rows `rows`."""
+    ca, cb = _slerp_coefficients(t, dot, lerp)
+    if rowwise:
+        ca, cb = ca.index_select(0, rows), cb.index_select(0, rows)  # ~50x faster than ca[rows] on CPU
+    else:  # one pair for the whole tensor: Python floats, no gather
+        ca, cb = float(ca[0]), float(cb[0])
+    out = _predict_flat(x, y, ca, cb)
+    if p_hat:
+        wd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = (x.to(wd) + (out.to(wd) - x.to(wd)) / (1 - p_hat)).to(x.dtype)
+    return out
 
 
 def _moves_far(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -612,7 +713,7 @@ def _predict_flat(x: torch.Tensor, y: torch.Tensor, ca, cb) -> torch.Tensor:
     return (y.to(wd) * cb).add_(x.to(wd) * ca).to(x.dtype)
 
 
-def _refine(score: Callable[[float], int], t0: float, n_sample: int) -> Tuple[float, Tuple[float, float]]:
+def _refine(score: Callable[[float], int], t0: float, n_sample: int) -> tuple[float, tuple[float, float]]:
     """The middle of the widest run of t values that reproduce the most sampled elements exactly.
 
     Least squares on rounded outputs is biased where few elements move (norm weights);
@@ -706,37 +807,22 @@ def _t_and_drop(fit: _TensorFit, d: int, m, a, b, moved, s, rescale: bool) -> No
     for rowwise, t_eff, dot, lerp in hypotheses:
         n_rows = _rows(a).shape[0]
 
-        def coefficients(t):
-            ca, cb = _slerp_coefficients(t, dot, lerp)
-            return ca.expand(n_rows), cb.expand(n_rows)
-
         p_hat = None
         if rescale:
             # kept = a + (slerp - a) / (1 - p): p from the informative elements, then t of the slerp itself
-            ca, cb = coefficients(min(max(t_eff, 0.0), 1.0))
-            pred = _predict(a, b, ca, cb)
+            ca, cb = _slerp_coefficients(min(max(t_eff, 0.0), 1.0), dot, lerp)
+            pred = _predict(a, b, ca.expand(n_rows), cb.expand(n_rows))
             informative = pred != a
             n_inf = int(informative.sum())
             p_hat = int((informative & ~moved).sum()) / n_inf if n_inf else None
             t_eff = t_eff * (1 - (p_hat or 0.0))
+        hyp = (dot, lerp, rowwise, p_hat)
 
-        def predict(t, x, y, rows):
-            ca, cb = _slerp_coefficients(t, dot, lerp)
-            if rowwise:
-                ca, cb = ca.index_select(0, rows), cb.index_select(0, rows)  # ~50x faster than ca[rows] on CPU
-            else:  # one pair for the whole tensor: Python floats, no gather
-                ca, cb = float(ca[0]), float(cb[0])
-            out = _predict_flat(x, y, ca, cb)
-            if p_hat:
-                wd = torch.float64 if x.dtype == torch.float64 else torch.float32
-                out = (x.to(wd) + (out.to(wd) - x.to(wd)) / (1 - p_hat)).to(x.dtype)
-            return out
-
-        def score(t):
-            return int((predict(t, a_s, b_s, r_s) == m_s).sum())
+        def score(t, hyp=hyp):
+            return int((_predict_at(t, a_s, b_s, r_s, *hyp) == m_s).sum())
 
         t, t_range = _refine(score, min(max(t_eff, 0.0), 1.0), int(sample.numel()))
-        pred = predict(t, a.reshape(-1), b.reshape(-1), rows_of).reshape(a.shape)
+        pred = _predict_at(t, a.reshape(-1), b.reshape(-1), rows_of, *hyp).reshape(a.shape)
         informative = _moves_far(pred, a)
         n_inf = int(informative.sum())
         if not rescale:
@@ -759,21 +845,32 @@ class Inspection:
 
     merged: str
     base: str
-    donors: List[str]
+    donors: list[str]
     stack: str
     num_layers: int
-    layers: List[Dict[str, Any]]
-    non_layer: List[str]
-    non_layer_equal_base: Dict[str, bool]
+    layers: list[dict[str, Any]]
+    non_layer: list[str]
+    non_layer_equal_base: dict[str, bool]
     bytes_read: int = 0
-    recipe: Optional[Any] = None  # the recipe's Plan when explaining with a recipe's models
+    recipe: Any | None = None  # the recipe's Plan when explaining with a recipe's models
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": "mergekit-partition/plan", "version": 1, "seed": None, "bins": None,
-            "stack": self.stack, "num_layers": self.num_layers, "base": self.base, "donors": self.donors,
-            "layers": self.layers, "non_layer": self.non_layer,
-            "inspected": {"merged": self.merged, "non_layer_equal_base": self.non_layer_equal_base, "bytes_read": self.bytes_read},
+            "schema": "mergekit-partition/plan",
+            "version": 1,
+            "seed": None,
+            "bins": None,
+            "stack": self.stack,
+            "num_layers": self.num_layers,
+            "base": self.base,
+            "donors": self.donors,
+            "layers": self.layers,
+            "non_layer": self.non_layer,
+            "inspected": {
+                "merged": self.merged,
+                "non_layer_equal_base": self.non_layer_equal_base,
+                "bytes_read": self.bytes_read,
+            },
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -790,13 +887,23 @@ class Inspection:
                 continue
             drops = {k: v for k, v in r["drop_rate"].items() if v is not None}
             rows.append({**r, "t": known, "drop_rate": drops})
-        return Plan(seed=-1, bins=len(self.donors), stack=self.stack, num_layers=self.num_layers, base=self.base,
-                    donors=list(self.donors), layers=rows, non_layer=self.non_layer)
+        return Plan(
+            seed=-1,
+            bins=len(self.donors),
+            stack=self.stack,
+            num_layers=self.num_layers,
+            base=self.base,
+            donors=list(self.donors),
+            layers=rows,
+            non_layer=self.non_layer,
+        )
 
-    def plot(self, path: Optional[str] = None):
+    def plot(self, path: str | None = None):
         """The same layer x donor heatmap as `plan --png`, from the recovered values."""
         fig = self.as_plan().plot(path)
-        fig.axes[0].set_title("recovered by mergekit-partition inspect: t per layer; × = drop > 0; empty = unknown", fontsize=9)
+        fig.axes[0].set_title(
+            "recovered by mergekit-partition inspect: t per layer; × = drop > 0; empty = unknown", fontsize=9
+        )
         if path:
             fig.savefig(path, dpi=130)  # again, with the title that says where the values come from
         return fig
@@ -804,7 +911,11 @@ class Inspection:
     def __str__(self) -> str:
         from mergekit_partition_slerp.planning import Plan
 
-        classes = [c for c in ("attn", "mlp", "other") if any(Plan.tensor_class(k) == c for r in self.layers[:1] for k in r["t"])]
+        classes = [
+            c
+            for c in ("attn", "mlp", "other")
+            if any(Plan.tensor_class(k) == c for r in self.layers[:1] for k in r["t"])
+        ]
 
         def by_class(values, cls, digits):
             vals = [v for k, v in values.items() if Plan.tensor_class(k) == cls]
@@ -814,34 +925,50 @@ class Inspection:
             text = "/".join(f"{v:.{digits}f}" for v in known)
             return text + ("/?" if None in vals and known else "?" if None in vals else "")
 
-        head = ["layer", "donor"] + [f"t:{c}" for c in classes] + [f"drop:{c}" for c in classes] + ["confidence", "note"]
+        head = (
+            ["layer", "donor"] + [f"t:{c}" for c in classes] + [f"drop:{c}" for c in classes] + ["confidence", "note"]
+        )
         rows = []
         for r in self.layers:
-            donor = r["donor"] if r["donor"] is not None else ("? (" + " | ".join(r.get("candidates") or []) + ")" if r.get("candidates") else "?")
+            donor = (
+                r["donor"]
+                if r["donor"] is not None
+                else ("? (" + " | ".join(r.get("candidates") or []) + ")" if r.get("candidates") else "?")
+            )
             conf = "" if r["confidence"] is None else f"{r['confidence']:.3f}"
-            rows.append([str(r["layer"]), donor] + [by_class(r["t"], c, 3) for c in classes]
-                        + [by_class(r["drop_rate"], c, 3) for c in classes] + [conf, r.get("note") or ""])
+            rows.append(
+                [str(r["layer"]), donor]
+                + [by_class(r["t"], c, 3) for c in classes]
+                + [by_class(r["drop_rate"], c, 3) for c in classes]
+                + [conf, r.get("note") or ""]
+            )
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
 
         def fmt(row):
-            return "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip()
+            return "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=False)).rstrip()
 
         equal = [n for n, v in self.non_layer_equal_base.items() if v]
         moved = [n for n, v in self.non_layer_equal_base.items() if not v]
-        lines = [f"recovered plan of {self.merged}: {self.num_layers} layers of {self.stack}", f"base: {self.base}",
-                 fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        lines = [
+            f"recovered plan of {self.merged}: {self.num_layers} layers of {self.stack}",
+            f"base: {self.base}",
+            fmt(head),
+            fmt(["-" * w for w in widths]),
+        ] + [fmt(r) for r in rows]
         if equal:
             lines.append(f"base (bit for bit): {', '.join(equal)}")
         if moved:
             lines.append(f"NOT the base: {', '.join(moved)} (partition_slerp keeps these from the base)")
         lines.append(f"donors (index: model): {'; '.join(f'{k}: {d}' for k, d in enumerate(self.donors))}")
-        lines.append("t: fitted slerp t per tensor class (a/b when the class's tensors differ); drop: share of moved-by-slerp "
-                     "elements left at the base; ?: cannot know (see docs/inspect.md)")
+        lines.append(
+            "t: fitted slerp t per tensor class (a/b when the class's tensors differ); drop: share of moved-by-slerp "
+            "elements left at the base; ?: cannot know (see docs/inspect.md)"
+        )
         return "\n".join(lines)
 
 
-def _infer_layers(names: Sequence[str]) -> Tuple[str, int, Dict[int, List[str]], List[str]]:
-    stacks: Dict[str, Dict[int, List[str]]] = {}
+def _infer_layers(names: Sequence[str]) -> tuple[str, int, dict[int, list[str]], list[str]]:
+    stacks: dict[str, dict[int, list[str]]] = {}
     other = []
     for n in names:
         found = layer_from_name(n)
@@ -850,11 +977,15 @@ def _infer_layers(names: Sequence[str]) -> Tuple[str, int, Dict[int, List[str]],
         else:
             stacks.setdefault(found[0], {}).setdefault(found[1], []).append(n)
     if not stacks:
-        raise InspectError("the merged model has no layer tensors (no name with a layer index such as model.layers.0.*).")
+        raise InspectError(
+            "the merged model has no layer tensors (no name with a layer index such as model.layers.0.*)."
+        )
     if len(stacks) > 1:
-        raise InspectError(f"the merged model has several layer stacks ({', '.join(sorted(stacks))}); "
-                           "inspect handles single-module models only, like partition_slerp v1.")
-    (stack, layers), = stacks.items()
+        raise InspectError(
+            f"the merged model has several layer stacks ({', '.join(sorted(stacks))}); "
+            "inspect handles single-module models only, like partition_slerp v1."
+        )
+    ((stack, layers),) = stacks.items()
     return stack, max(layers) + 1, layers, other
 
 
@@ -864,11 +995,13 @@ def explain(
     donors: Sequence[str],
     *,
     rescale: bool = False,
-    log: Optional[Callable[[str], None]] = None,
+    log: Callable[[str], None] | None = None,
 ) -> Inspection:
     """Recover, per layer, the donor the merge moved toward, the slerp t and the drop rate per tensor."""
     if not donors:
-        raise InspectError("explain needs at least one donor (--donor PATH, repeatable, in the recipe's order if known).")
+        raise InspectError(
+            "explain needs at least one donor (--donor PATH, repeatable, in the recipe's order if known)."
+        )
     models = _Models()
     try:
         out = models.open(merged, "merged model")
@@ -878,22 +1011,28 @@ def explain(
         for ck in [b, *ds]:
             absent = [n for n in out.names() if n not in ck.entries]
             if absent:
-                raise InspectError(f"{ck.label} {ck.spec} has no tensor {absent[0]} (and {len(absent) - 1} more) of the merged "
-                                   "model; pass the models the merge was made from.")
+                raise InspectError(
+                    f"{ck.label} {ck.spec} has no tensor {absent[0]} (and {len(absent) - 1} more) of the merged "
+                    "model; pass the models the merge was made from."
+                )
             wrong = [n for n in out.names() if ck.entries[n].shape != out.entries[n].shape]
             if wrong:
-                raise InspectError(f"{ck.label} {ck.spec}: tensor {wrong[0]} has shape {list(ck.entries[wrong[0]].shape)}, "
-                                   f"the merge's is {list(out.entries[wrong[0]].shape)}; not the same architecture.")
+                raise InspectError(
+                    f"{ck.label} {ck.spec}: tensor {wrong[0]} has shape {list(ck.entries[wrong[0]].shape)}, "
+                    f"the merge's is {list(out.entries[wrong[0]].shape)}; not the same architecture."
+                )
         equal = {}
         for n in other:
             x, y = out.get(n), b.get(n)
-            equal[n] = x.shape == y.shape and bool((x.to(y.dtype) == y).all()) if x.dtype != y.dtype else compare(n, y, x).ok
+            equal[n] = (
+                x.shape == y.shape and bool((x.to(y.dtype) == y).all()) if x.dtype != y.dtype else compare(n, y, x).ok
+            )
             del x, y
         rows = []
         for i in range(L):
             if log:
                 log(f"layer {i}")
-            fits: Dict[str, _TensorFit] = {}
+            fits: dict[str, _TensorFit] = {}
             for n in sorted(layer_map.get(i, [])):
                 m, a = out.get(n), b.get(n)
                 a = _cast(a, m.dtype)
@@ -901,16 +1040,34 @@ def explain(
                 fits[n[len(stack) + len(str(i)) + 2 :]] = _fit_tensor(m, a, dts, rescale)
                 del m, a, dts
             rows.append(_layer_row(i, L, fits, donors))
-        return Inspection(merged=str(merged), base=str(base), donors=[str(d) for d in donors], stack=stack, num_layers=L,
-                          layers=rows, non_layer=other, non_layer_equal_base=equal, bytes_read=models.bytes_read)
+        return Inspection(
+            merged=str(merged),
+            base=str(base),
+            donors=[str(d) for d in donors],
+            stack=stack,
+            num_layers=L,
+            layers=rows,
+            non_layer=other,
+            non_layer_equal_base=equal,
+            bytes_read=models.bytes_read,
+        )
     finally:
         models.close()
 
 
-def _layer_row(i: int, L: int, fits: Dict[str, _TensorFit], donors: Sequence[str]) -> Dict[str, Any]:
-    row: Dict[str, Any] = {"layer": i, "bin": None, "donor_index": None, "donor": None, "position": partition.layer_position(i, L),
-                           "t": {s: None for s in fits}, "drop_rate": {s: None for s in fits}, "confidence": None,
-                           "t_range": {s: None for s in fits}, "drop_elements": {s: 0 for s in fits}}
+def _layer_row(i: int, L: int, fits: dict[str, _TensorFit], donors: Sequence[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "layer": i,
+        "bin": None,
+        "donor_index": None,
+        "donor": None,
+        "position": partition.layer_position(i, L),
+        "t": {s: None for s in fits},
+        "drop_rate": {s: None for s in fits},
+        "confidence": None,
+        "t_range": {s: None for s in fits},
+        "drop_elements": {s: 0 for s in fits},
+    }
     moved = {s: f for s, f in fits.items() if f.moved}
     if not moved:
         row["note"] = "nothing moved: every tensor equals the base (t = 0, or t below the dtype's resolution)"
@@ -919,7 +1076,13 @@ def _layer_row(i: int, L: int, fits: Dict[str, _TensorFit], donors: Sequence[str
     order = sorted(totals, key=totals.get)
     best = order[0]
     second = totals[order[1]] if len(order) > 1 else math.inf
-    confidence = 1.0 if second == math.inf or second == 0 and totals[best] == 0 else 1 - totals[best] / second if second > 0 else 0.0
+    confidence = (
+        1.0
+        if second == math.inf or second == 0 and totals[best] == 0
+        else 1 - totals[best] / second
+        if second > 0
+        else 0.0
+    )
     row["confidence"] = round(confidence, 6)
     ties = [d for d in order if totals[d] <= totals[best] / (1 - AMBIGUOUS) + 1e-30]
     explained = [f.explained.get(best) for f in moved.values() if best in f.explained]
@@ -927,8 +1090,10 @@ def _layer_row(i: int, L: int, fits: Dict[str, _TensorFit], donors: Sequence[str
     if len(ties) > 1:
         row["candidates"] = [donors[d] for d in ties]
         row["candidate_indices"] = ties
-        row["note"] = (f"donors {', '.join(map(str, ties))} explain this layer about equally well (identical or nearly "
-                       "identical models): the donor cannot be known")
+        row["note"] = (
+            f"donors {', '.join(map(str, ties))} explain this layer about equally well (identical or nearly "
+            "identical models): the donor cannot be known"
+        )
     else:
         row["donor_index"], row["donor"] = best, donors[best]
     rowwise = {f.rowwise.get(best) for f in moved.values()} - {None}
@@ -943,12 +1108,21 @@ def _layer_row(i: int, L: int, fits: Dict[str, _TensorFit], donors: Sequence[str
         if best in f.t_range:
             row["t_range"][s] = [round(f.t_range[best][0], 6), round(f.t_range[best][1], 6)]
     if row.get("explained") is not None and row["explained"] < 0.9:
-        row["note"] = (row.get("note") or "") + f"only {row['explained']:.0%} of elements fit a partition_slerp of base and donor"
+        row["note"] = (
+            row.get("note") or ""
+        ) + f"only {row['explained']:.0%} of elements fit a partition_slerp of base and donor"
     return row
 
 
-def inspect(merged: str, recipe=None, *, base: Optional[str] = None, donors: Optional[Sequence[str]] = None,
-            rescale: Optional[bool] = None, **verify_options):
+def inspect(
+    merged: str,
+    recipe=None,
+    *,
+    base: str | None = None,
+    donors: Sequence[str] | None = None,
+    rescale: bool | None = None,
+    **verify_options,
+):
     """Notebook entry: `inspect(merged, recipe)` verifies; `inspect(merged, base=..., donors=[...])` explains.
 
     With a recipe and explicit `donors=[]`... use `explain_recipe=True` to explain with the recipe's models.
