@@ -212,5 +212,61 @@ def demo_cmd(out: str, force: bool) -> None:
     run_demo(out, force=force, echo=click.echo)
 
 
+@main.command("inspect")
+@click.argument("merged", type=click.Path())
+@click.option("--recipe", type=click.Path(dir_okay=False), help="Verify MERGED against this recipe (or, with --explain, use its models).")
+@click.option("--base", help="Explain: the base model (path or hub id).")
+@click.option("--donor", "donors", multiple=True, help="Explain: a donor; repeat, in the recipe's order if known.")
+@click.option("--explain", "explain_recipe", is_flag=True, help="Explain MERGED with the recipe's base and donors instead of verifying.")
+@click.option("--layers", type=int, help="Verify: how many layers to sample (default: all on small models, else 4).")
+@click.option("--all", "all_layers", is_flag=True, help="Verify: recompute every layer.")
+@click.option("--sample-seed", type=int, help="Verify: seed of the layer sample (printed; random when not given).")
+@click.option("--rescale", is_flag=True, help="Explain: the merge used rescale: true (read from the recipe with --explain).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (explain: schema mergekit-partition/plan v1).")
+@click.option("--png", type=click.Path(dir_okay=False), help="Explain: write the recovered layer x donor heatmap of t.")
+def inspect_cmd(merged, recipe, base, donors, explain_recipe, layers, all_layers, sample_seed, rescale, as_json, png):
+    """Verify a merge against its recipe, or recover the plan of a merge from its base and donors.
+
+    \b
+    verify:  mergekit-partition inspect MERGED --recipe RECIPE.yml [--layers K | --all] [--json]
+    explain: mergekit-partition inspect MERGED --base BASE --donor D1 --donor D2 ... [--png FILE] [--json]
+             mergekit-partition inspect MERGED --recipe RECIPE.yml --explain
+    Exit status: 0 all checked tensors match, 1 something differs, 2 usage or input error.
+    """
+    from mergekit_partition_slerp.inspection import InspectError, explain, inspect
+
+    explaining = bool(base or donors or explain_recipe)
+    if explaining and (layers is not None or all_layers or sample_seed is not None):
+        _fail("--layers, --all and --sample-seed apply to verify (--recipe without --base/--donor/--explain).")
+    if not explaining and (png or rescale):
+        _fail("--png and --rescale apply to explain (--base and --donor, or --recipe with --explain).")
+    if not explaining and not recipe:
+        _fail("give --recipe RECIPE.yml to verify MERGED, or --base BASE and --donor D (repeatable) to explain it.")
+    if explaining and not recipe and not (base and donors):
+        _fail("explain needs --base BASE and at least one --donor D (or --recipe RECIPE.yml --explain).")
+    if not os.path.isdir(merged):
+        _fail(f"merged model {merged} is not a directory with safetensors weights.")
+    if layers is not None and (layers < 1 or all_layers):
+        _fail(f"--layers takes a count of at least 1 and excludes --all; got {layers}{' with --all' if all_layers else ''}.")
+    try:
+        if explaining:
+            if recipe:
+                result = inspect(merged, recipe, base=base, donors=list(donors) or None, rescale=rescale or None, explain=True)
+            else:
+                result = explain(merged, base, list(donors), rescale=rescale)
+        else:
+            result = inspect(merged, recipe, layers=layers, all_layers=all_layers, sample_seed=sample_seed)
+        if png:
+            result.plot(png)
+    except InspectError as error:
+        _fail(str(error))
+    click.echo(result.to_json() if as_json else str(result))
+    if png:
+        click.echo(f"wrote {png}", err=True)
+    if not explaining and not result.ok:
+        click.echo(f"differs: {result.first_difference()}", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()
