@@ -53,7 +53,9 @@ def main():
 
         root = os.path.join(args.cache, "inspect-small")
         if not os.path.exists(os.path.join(root, "family", "donor5", "tokenizer.json")):
-            build_family(os.path.join(root, "family"), donors=6, shape=Shape(num_hidden_layers=12), seed=0, tokenizer=True)
+            build_family(
+                os.path.join(root, "family"), donors=6, shape=Shape(num_hidden_layers=12), seed=0, tokenizer=True
+            )
         paths = {k: os.path.join(root, "family", k) for k in ["base"] + [f"donor{i}" for i in range(6)]}
         recipe = demo_recipe(paths)
     else:

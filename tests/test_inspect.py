@@ -18,14 +18,14 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import BIN
-from reference import eleusis_like, write_config
 from safetensors.torch import load_file, save_file
 
 from mergekit_partition_slerp.cli import main
 from mergekit_partition_slerp.family import Shape, build_family
 from mergekit_partition_slerp.inspection import explain, inspect, verify
 from mergekit_partition_slerp.planning import plan
+
+from helpers import BIN, eleusis_like, write_config
 
 ENV = {"HF_HUB_OFFLINE": "1"}
 GRAD_IN = [{"filter": "self_attn", "value": 0.03}, {"value": [1, 0]}]

@@ -49,7 +49,7 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int = 2) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -212,18 +212,32 @@ def demo_cmd(out: str, force: bool) -> None:
     run_demo(out, force=force, echo=click.echo)
 
 
-@main.command("inspect")
+@main.command(
+    "inspect", epilog=EXIT_STATUS.replace("1 when the merge fails after it started", "1 when a checked tensor differs")
+)
 @click.argument("merged", type=click.Path())
-@click.option("--recipe", type=click.Path(dir_okay=False), help="Verify MERGED against this recipe (or, with --explain, use its models).")
+@click.option(
+    "--recipe",
+    type=click.Path(dir_okay=False),
+    help="Verify MERGED against this recipe (or, with --explain, use its models).",
+)
 @click.option("--base", help="Explain: the base model (path or hub id).")
 @click.option("--donor", "donors", multiple=True, help="Explain: a donor; repeat, in the recipe's order if known.")
-@click.option("--explain", "explain_recipe", is_flag=True, help="Explain MERGED with the recipe's base and donors instead of verifying.")
+@click.option(
+    "--explain",
+    "explain_recipe",
+    is_flag=True,
+    help="Explain MERGED with the recipe's base and donors instead of verifying.",
+)
 @click.option("--layers", type=int, help="Verify: how many layers to sample (default: all on small models, else 4).")
 @click.option("--all", "all_layers", is_flag=True, help="Verify: recompute every layer.")
 @click.option("--sample-seed", type=int, help="Verify: seed of the layer sample (printed; random when not given).")
-@click.option("--rescale", is_flag=True, help="Explain: the merge used rescale: true (read from the recipe with --explain).")
+@click.option(
+    "--rescale", is_flag=True, help="Explain: the merge used rescale: true (read from the recipe with --explain)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (explain: schema mergekit-partition/plan v1).")
 @click.option("--png", type=click.Path(dir_okay=False), help="Explain: write the recovered layer x donor heatmap of t.")
+@_friendly
 def inspect_cmd(merged, recipe, base, donors, explain_recipe, layers, all_layers, sample_seed, rescale, as_json, png):
     """Verify a merge against its recipe, or recover the plan of a merge from its base and donors.
 
@@ -246,12 +260,17 @@ def inspect_cmd(merged, recipe, base, donors, explain_recipe, layers, all_layers
         _fail("explain needs --base BASE and at least one --donor D (or --recipe RECIPE.yml --explain).")
     if not os.path.isdir(merged):
         _fail(f"merged model {merged} is not a directory with safetensors weights.")
+    if png:
+        _writable_file(png, "--png")
     if layers is not None and (layers < 1 or all_layers):
-        _fail(f"--layers takes a count of at least 1 and excludes --all; got {layers}{' with --all' if all_layers else ''}.")
+        also = " with --all" if all_layers else ""
+        _fail(f"--layers takes a count of at least 1 and excludes --all; got {layers}{also}.")
     try:
         if explaining:
             if recipe:
-                result = inspect(merged, recipe, base=base, donors=list(donors) or None, rescale=rescale or None, explain=True)
+                result = inspect(
+                    merged, recipe, base=base, donors=list(donors) or None, rescale=rescale or None, explain=True
+                )
             else:
                 result = explain(merged, base, list(donors), rescale=rescale)
         else:

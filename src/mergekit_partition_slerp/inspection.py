@@ -878,7 +878,7 @@ class Inspection:
 
     def as_plan(self):
         """The recovered rows as a planning.Plan (unknown donors and t left out), for plotting."""
-        from mergekit_partition_slerp.planning import Plan
+        from mergekit_partition_slerp.planning import LayerRow, Plan
 
         rows = []
         for r in self.layers:
@@ -886,7 +886,17 @@ class Inspection:
             if r["donor_index"] is None or not known:
                 continue
             drops = {k: v for k, v in r["drop_rate"].items() if v is not None}
-            rows.append({**r, "t": known, "drop_rate": drops})
+            rows.append(
+                LayerRow(
+                    layer=r["layer"],
+                    bin=r["donor_index"],
+                    donor_index=r["donor_index"],
+                    donor=r["donor"],
+                    position=r.get("position", 0.0),
+                    t=known,
+                    drop_rate=drops,
+                )
+            )
         return Plan(
             seed=-1,
             bins=len(self.donors),
@@ -909,16 +919,12 @@ class Inspection:
         return fig
 
     def __str__(self) -> str:
-        from mergekit_partition_slerp.planning import Plan
+        from mergekit_partition_slerp.report import CLASSES, tensor_class
 
-        classes = [
-            c
-            for c in ("attn", "mlp", "other")
-            if any(Plan.tensor_class(k) == c for r in self.layers[:1] for k in r["t"])
-        ]
+        classes = [c for c in CLASSES if any(tensor_class(k) == c for r in self.layers[:1] for k in r["t"])]
 
         def by_class(values, cls, digits):
-            vals = [v for k, v in values.items() if Plan.tensor_class(k) == cls]
+            vals = [v for k, v in values.items() if tensor_class(k) == cls]
             if not vals:
                 return ""
             known = sorted({round(v, digits) for v in vals if v is not None})
