@@ -66,14 +66,14 @@ def _resolve(spec: str, label: str) -> str:
     head, sep, revision = spec.rpartition("@")
     if sep and os.path.isdir(os.path.expanduser(head)):
         return os.path.expanduser(head)  # a local path's revision means nothing (mergekit ignores it too)
-    repo, revision = (head, revision) if sep else (spec, None)
+    repo, rev = (head, revision) if sep else (spec, None)
     looks_local = os.path.isabs(path) or spec.startswith((".", "~")) or repo.count("/") != 1
     if looks_local:
         raise InspectError(f"{label} {spec} is not a directory; give the model's local path (or a hub id).")
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo, revision=revision, allow_patterns=["*.json", "*.safetensors"])
+        return snapshot_download(repo, revision=rev, allow_patterns=["*.json", "*.safetensors"])
     except Exception as error:  # offline, unknown repo, gated
         first = str(error).strip().splitlines()
         raise InspectError(
@@ -446,7 +446,7 @@ def verify(
             report.findings.append(f"tensor set: {len(extra)} tensor(s) the recipe does not produce, first {extra[0]}")
         if not missing and not extra:
             report.notes.append(f"tensor set: {len(expected)} tensors, as the recipe produces")
-        dtypes = {}
+        dtypes: dict[str, Any] = {}
         for n in expected:
             if n in out.entries:
                 dtypes.setdefault(out.entries[n].dtype, n)
@@ -513,10 +513,12 @@ def verify(
                 a = _cast(base.get(n), in_dtype) if not (t == 1 and q == 0) else None
                 b = _cast(donor.get(n), in_dtype) if t != 0 else None
                 try:
+                    first, second = (a if a is not None else b), (b if b is not None else a)
+                    assert first is not None and second is not None  # t == 0 reads the base, t == 1 the donor
                     want = recompute_tensor(
                         n,
-                        a if a is not None else b,
-                        b if b is not None else a,
+                        first,
+                        second,
                         t,
                         q,
                         seed=p.seed,
@@ -682,7 +684,7 @@ def _predict_at(t, x, y, rows, dot, lerp, rowwise: bool, p_hat: float | None) ->
     if rowwise:
         ca, cb = ca.index_select(0, rows), cb.index_select(0, rows)  # ~50x faster than ca[rows] on CPU
     else:  # one pair for the whole tensor: Python floats, no gather
-        ca, cb = float(ca[0]), float(cb[0])
+        ca, cb = float(ca[0]), float(cb[0])  # type: ignore[assignment]
     out = _predict_flat(x, y, ca, cb)
     if p_hat:
         wd = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -1079,7 +1081,7 @@ def _layer_row(i: int, L: int, fits: dict[str, _TensorFit], donors: Sequence[str
         row["note"] = "nothing moved: every tensor equals the base (t = 0, or t below the dtype's resolution)"
         return row
     totals = {d: sum(f.residual[d] for f in moved.values()) for d in range(len(donors))}
-    order = sorted(totals, key=totals.get)
+    order = sorted(totals, key=lambda d: totals[d])
     best = order[0]
     second = totals[order[1]] if len(order) > 1 else math.inf
     confidence = (
@@ -1091,7 +1093,7 @@ def _layer_row(i: int, L: int, fits: dict[str, _TensorFit], donors: Sequence[str
     )
     row["confidence"] = round(confidence, 6)
     ties = [d for d in order if totals[d] <= totals[best] / (1 - AMBIGUOUS) + 1e-30]
-    explained = [f.explained.get(best) for f in moved.values() if best in f.explained]
+    explained = [f.explained[best] for f in moved.values() if best in f.explained]
     row["explained"] = round(min(explained), 6) if explained else None
     if len(ties) > 1:
         row["candidates"] = [donors[d] for d in ties]
@@ -1108,8 +1110,9 @@ def _layer_row(i: int, L: int, fits: dict[str, _TensorFit], donors: Sequence[str
     for s, f in fits.items():
         if not f.moved:
             continue  # unmoved tensor: t is 0 or too small to show; its drop mask is invisible
-        row["t"][s] = None if f.t.get(best) is None else round(f.t[best], 6)
-        row["drop_rate"][s] = None if f.drop.get(best) is None else round(f.drop[best], 6)
+        t_fit, drop_fit = f.t.get(best), f.drop.get(best)
+        row["t"][s] = None if t_fit is None else round(t_fit, 6)
+        row["drop_rate"][s] = None if drop_fit is None else round(drop_fit, 6)
         row["drop_elements"][s] = f.informative.get(best, 0)
         if best in f.t_range:
             row["t_range"][s] = [round(f.t_range[best][0], 6), round(f.t_range[best][1], 6)]
