@@ -16,6 +16,7 @@ the package, so a test never checks the code under test against itself:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -297,3 +298,12 @@ def read_json(path):
 def read_yaml(path):
     with open(path, encoding="utf-8") as f:
         return yaml.safe_load(f)
+
+
+def digest(path) -> str:
+    """sha256 over the names and bytes of a merged model's tensors (same bits <=> same digest)."""
+    h = hashlib.sha256()
+    for name, t in sorted(load_state_dict(str(path)).items()):
+        h.update(name.encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,6 +1,5 @@
 """The real `mergekit-partition` console script, in subprocesses."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import yaml
 
 from mergekit_partition_slerp.family import load_state_dict
 
-from helpers import BIN, check_merge, eleusis_like, write_config
+from helpers import BIN, check_merge, digest, eleusis_like, write_config
 from helpers import ref_layer_bins as layer_bins  # the independent reference, pinned in test_partition.py
 
 pytestmark = pytest.mark.slow  # every test runs the console script in a subprocess
@@ -134,14 +133,6 @@ def test_run_writes_atomically_and_refuses_clobber(family, tmp_path):
     forced = cli("run", src, out, "--no-copy-tokenizer", "--force")
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no partial, no lock file
-
-
-def digest(path):
-    h = hashlib.sha256()
-    for name, t in sorted(load_state_dict(str(path)).items()):
-        h.update(name.encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def test_force_never_deletes_the_working_directory_or_inputs(family, tmp_path):

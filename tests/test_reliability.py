@@ -1,6 +1,5 @@
 """Bad input, faults and determinism, through the real console scripts."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import torch
 
 from mergekit_partition_slerp.family import load_state_dict, write_checkpoint
 
-from helpers import ENV, check_merge, cli, eleusis_like, mergekit_yaml, read_json, write_config
+from helpers import ENV, check_merge, cli, digest, eleusis_like, mergekit_yaml, read_json, write_config
 
 pytestmark = pytest.mark.slow  # every test runs a console script in a subprocess
 
@@ -191,14 +190,6 @@ def test_writer_failing_midway_leaves_no_output_and_rerun_succeeds(family, tmp_p
     again = cli("run", src, out, "--no-copy-tokenizer", "--out-shard-size", "20K")
     assert again.returncode == 0, again.stderr[-2000:]
     check_merge(src, str(out), 8)
-
-
-def digest(path):
-    h = hashlib.sha256()
-    for name, t in sorted(load_state_dict(str(path)).items()):
-        h.update(name.encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def test_same_bits_across_runs_threads_and_paths(family, tmp_path):
