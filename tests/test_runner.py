@@ -225,3 +225,26 @@ def test_bytes_to_read_are_base_plus_one_donor_per_layer(p, family):
             name = f"{p.stack}.{row.layer}.{suffix}"
             expected += nbytes(p.base, name) + nbytes(row.donor, name)
     assert runner.bytes_to_read(p) == expected
+
+
+# sha256 (helpers.digest) of the session family merged by the 0.1.0-era kernel (commit 11fcd2a); computed with
+# `runner.run(plan(eleusis_like(family, **params)), out, MergeOptions(copy_tokenizer=False, quiet=True))`.
+# The kernel may be rewritten and re-laid out, but these bits must not move.
+PINNED = [
+    ({}, "59e418f3c5154429697d14e67081477de96d392a65eb33f68e7590ab742a96f4"),  # gradients, attention drop, alias
+    (
+        {"rowwise": True, "rescale": True, "seed": 2**64 - 1},
+        "a9daf8ff1a0450a7db2946e1b46219250388879ca29079279c81fe4a050364b4",
+    ),
+]
+
+
+@pytest.mark.parametrize("params,expected", PINNED, ids=["eleusis-like", "rowwise-rescale"])
+def test_merged_family_bits_are_pinned(family, tmp_path, params, expected):
+    from mergekit.options import MergeOptions
+
+    from helpers import digest
+
+    out = tmp_path / "out"
+    runner.run(plan(eleusis_like(family, **params)), str(out), MergeOptions(copy_tokenizer=False, quiet=True))
+    assert digest(out) == expected
