@@ -65,9 +65,9 @@ def test_other_architecture(family, tmp_path):
 @pytest.mark.parametrize(
     "bad,where",
     [
-        ({"a": 1}, "models.1.parameters.t"),
-        (["x", "y"], "{donor1}"),
-        ([{"filter": "self_attn"}], "models.1.parameters.t"),
+        ({"a": 1}, "(parameters of models[1] ({donor1})) is a mapping"),
+        (["x", "y"], "(parameters of models[1] ({donor1}), gradient point 1 of 2) is not a number"),
+        ([{"filter": "self_attn"}], "(parameters of models[1] ({donor1})) has entry 1 without a `value:`"),
     ],
     ids=["dict", "strings", "no-value"],
 )
