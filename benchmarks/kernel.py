@@ -30,12 +30,12 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import BackgroundLoad, CallMeter, wait_quiet  # noqa: E402
+from _util import BackgroundLoad, CallMeter, proc_status_kib, wait_quiet  # noqa: E402
 
 THREADS = 2
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)]
@@ -52,9 +52,10 @@ ATTN_NAME = "model.layers.0.self_attn.q_proj.weight"  # drop is realistic on att
 # Kernels that are timed and memory-probed, in table order.
 KERNELS = ["floor_add", "floor_onepass", "mk_slerp", "mk_slerp_rowwise", "ps", "ps_rowwise", "ps_drop"]
 # Diagnostics, timed only, to show where ps's time goes: its pass 1 alone, the
-# drop-mask draws alone, and the one-pass floor when it must allocate a fresh
-# output each call like ps does (first-touch page faults are not free).
-DIAGNOSTICS = ["ps_pass1_stats", "ps_mask_draw", "floor_onepass_newout"]
+# drop-mask draws alone, the one-pass floor when it must allocate a fresh
+# output each call like ps does (first-touch page faults are not free), and ps
+# under torch.set_float32_matmul_precision("medium").
+DIAGNOSTICS = ["ps_pass1_stats", "ps_mask_draw", "floor_onepass_newout", "ps_knob"]
 
 RATIOS = [  # (label, numerator, denominator)
     ("mk_slerp/ps (speed-up)", "mk_slerp", "ps"),
@@ -65,13 +66,14 @@ RATIOS = [  # (label, numerator, denominator)
     ("ps_drop/ps", "ps_drop", "ps"),
     ("ps_pass1_stats/ps", "ps_pass1_stats", "ps"),
     ("ps_mask_draw(1 thread)/ps", "ps_mask_draw", "ps"),
+    ("ps_knob/ps (precision knob)", "ps_knob", "ps"),
 ]
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def make_inputs(shape: Tuple[int, int], seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_inputs(shape: tuple[int, int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """base ~ N(0, 0.02^2) in bf16; donor = base + noise with 5% of the weights' std.
 
     5% relative noise gives cosine ~0.9988, i.e. below slerp's 0.9995 linear
@@ -119,9 +121,8 @@ def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], to
     floors write into are allocated here, outside the timed call."""
     from mergekit.merge_methods import merge_tensors
     from mergekit.merge_methods.slerp import slerp
-    # Private helpers of the package, on purpose: the diagnostics take ps apart.
-    from mergekit_partition_slerp import kernels as PK
-    from mergekit_partition_slerp import partition
+
+    from mergekit_partition_slerp import kernels, partition
 
     rows = a.shape[0]
     fa, fb = a.view(-1), b.view(-1)
@@ -162,17 +163,29 @@ def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], to
             params["drop_rate"] = 0.28
             name = ATTN_NAME
         return lambda: merge_tensors([a, b], "partition_slerp", parameters=params, base_index=0, name=name)
+    if kind == "ps_knob":
+        # ps while torch.set_float32_matmul_precision("medium") is set (common in GPU scripts):
+        # pass 1 then sums in float64 instead of float32 block partials
+        def knob():
+            before = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("medium")
+            try:
+                return merge_tensors(
+                    [a, b], "partition_slerp", parameters={"t": 0.5, "num_layers": 1}, base_index=0, name=MLP_NAME
+                )
+            finally:
+                torch.set_float32_matmul_precision(before)
+
+        return knob
     if kind == "ps_pass1_stats":
-        # Pass 1 of ps alone: per-row |a|^2, |b|^2, a.b (one row: whole tensor).
-        rows1, cols1 = PK._layout(a, rowwise=False)
-        pieces = PK._chunks(rows1, cols1)
-        a2, b2 = a.reshape(rows1, cols1), b.reshape(rows1, cols1)
-        return lambda: PK._stats(a2, b2, rows1, cols1, pieces, torch.float32)
+        # Pass 1 of ps alone: |a|^2, |b|^2, a.b of the whole tensor.
+        a2, b2 = a.reshape(1, -1), b.reshape(1, -1)
+        return lambda: kernels.row_stats(a2, b2)
     if kind == "ps_mask_draw":
-        # The Philox keep-mask draws of ps_drop, serially on this thread (ps_drop
-        # runs them on 2 worker threads overlapped with the arithmetic).
+        # The Philox keep-mask draws of ps_drop, serially on this thread (ps_drop runs them on 2
+        # worker threads, in turns with the arithmetic).
         n = a.numel()
-        spans = [(s, min(PK.CHUNK, n - s)) for s in range(0, n, PK.CHUNK)]
+        spans = [(s, min(kernels.CHUNK, n - s)) for s in range(0, n, kernels.CHUNK)]
         return lambda: [partition.keep_mask_range(ATTN_NAME, 0, 0.28, s, k) for s, k in spans]
     raise ValueError(f"unknown kernel {kind!r}")
 
@@ -180,15 +193,15 @@ def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], to
 # --------------------------------------------------------------------------- timing
 
 
-def time_shape(shape, reps: int, kinds: List[str]):
+def time_shape(shape, reps: int, kinds: list[str]):
     """{kernel: [(ms, contended), ...]}, {kernel: [page faults, ...]}, and the
     seconds spent waiting for quiet."""
     a, b = make_inputs(shape)
     fns = {k: build_kernel(k, a, b) for k in kinds}
     for fn in fns.values():  # warm-up: imports, first-touch page faults, allocator
         fn()
-    samples: Dict[str, List[Tuple[float, bool]]] = {k: [] for k in kinds}
-    faults: Dict[str, List[int]] = {k: [] for k in kinds}
+    samples: dict[str, list[tuple[float, bool]]] = {k: [] for k in kinds}
+    faults: dict[str, list[int]] = {k: [] for k in kinds}
     waited = 0.0
     for rep in range(reps):
         waited += wait_quiet(timeout=30)  # bounded: the whole run should stay ~5 min
@@ -207,7 +220,7 @@ def time_shape(shape, reps: int, kinds: List[str]):
     return samples, faults, waited
 
 
-def robust_median(samples: List[Tuple[float, bool]]) -> Tuple[float, int]:
+def robust_median(samples: list[tuple[float, bool]]) -> tuple[float, int]:
     """Median over the samples no other process competed with, if at least
     one exists; else over all. Returns (median ms, number of samples used)."""
     clean = [ms for ms, contended in samples if not contended]
@@ -219,8 +232,10 @@ def print_timing(shape, samples, faults):
     med = {k: robust_median(v)[0] for k, v in samples.items()}
     numel = shape[0] * shape[1]
     reps = len(next(iter(samples.values())))
-    print(f"\n== shape {list(shape)} ({SHAPE_NOTES.get(tuple(shape), '')}), "
-          f"{numel * 2 / 2**20:.0f} MiB per bf16 tensor, {reps} reps ==")
+    print(
+        f"\n== shape {list(shape)} ({SHAPE_NOTES.get(tuple(shape), '')}), "
+        f"{numel * 2 / 2**20:.0f} MiB per bf16 tensor, {reps} reps =="
+    )
     print(f"{'kernel':<22}{'median ms':>10}{'min ms':>9}{'max ms':>10}{'clean':>7}{'GB/s*':>7}{'faults':>16}")
     for k, v in samples.items():
         # GB/s*: one read of both inputs + one write of the output, per second.
@@ -229,8 +244,10 @@ def print_timing(shape, samples, faults):
         all_ms = [ms for ms, _ in v]
         clean = robust_median(v)[1]
         fl = sorted(faults[k])
-        print(f"{k:<22}{med[k]:>10.1f}{min(all_ms):>9.1f}{max(all_ms):>10.1f}{clean:>4}/{reps:<2}{gbs:>7.2f}"
-              f"{str(fl[0]) + '..' + str(fl[-1]):>16}")
+        print(
+            f"{k:<22}{med[k]:>10.1f}{min(all_ms):>9.1f}{max(all_ms):>10.1f}{clean:>4}/{reps:<2}{gbs:>7.2f}"
+            f"{str(fl[0]) + '..' + str(fl[-1]):>16}"
+        )
     # Ratios are medians of per-rep ratios: the two kernels of a pair ran within
     # a second or two of each other, so drift of the machine cancels out. The
     # ratio of minimums is shown too: on this VM a call that must fault in a
@@ -242,7 +259,7 @@ def print_timing(shape, samples, faults):
     ratios = {}
     for label, num, den in RATIOS:
         if num in samples and den in samples:
-            pairs = list(zip(samples[num], samples[den]))
+            pairs = list(zip(samples[num], samples[den], strict=True))
             clean = [x / y for (x, cx), (y, cy) in pairs if not cx and not cy]
             ratios[label] = statistics.median(clean or [x / y for (x, _), (y, _) in pairs])
             print(f"  {label:<34}{ratios[label]:>7.2f}x{med[num] / med[den]:>8.2f}x{mins[num] / mins[den]:>9.2f}x")
@@ -252,15 +269,9 @@ def print_timing(shape, samples, faults):
 # --------------------------------------------------------------------------- memory
 
 
-def _status() -> Dict[str, int]:
-    """VmRSS / VmHWM / RssAnon of this process, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(rest.split()[0]) * 1024
-    return out
+def _status() -> dict[str, int]:
+    """VmRSS / VmHWM / RssAnon / RssFile of this process, in bytes."""
+    return {k: v * 1024 for k, v in proc_status_kib(("VmRSS", "VmHWM", "RssAnon", "RssFile")).items()}
 
 
 def _malloc_trim() -> None:
@@ -284,7 +295,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def memory_probe(kind: str, shape: Tuple[int, int]) -> Dict:
+def memory_probe(kind: str, shape: tuple[int, int]) -> dict:
     """Run in a fresh process: peak RSS the kernel adds beyond inputs and output."""
     torch.set_num_threads(THREADS)
     # Warm up on a tiny tensor first: the first merge_tensors call imports
@@ -314,14 +325,14 @@ def memory_probe(kind: str, shape: Tuple[int, int]) -> Dict:
     }
 
 
-def run_memory_probes(shapes, kinds) -> Dict[Tuple, Dict[str, Dict]]:
+def run_memory_probes(shapes, kinds) -> dict[tuple, dict[str, dict]]:
     """Fresh probes per (shape, kernel), run two at a time (memory is per
     process, so running side by side does not change it; it halves the wall
     time). mergekit's slerp gets two trials: its peak depends on how glibc's
     per-thread arenas happen to recycle its per-chunk temporaries, and varies
     from run to run by up to ~30x; our kernels reuse preallocated scratch."""
     jobs = [(tuple(shape), k) for shape in shapes for k in kinds for _ in range(2 if k.startswith("mk_") else 1)]
-    res: Dict[Tuple, Dict[str, Dict]] = {tuple(s): {k: {"trials": [], "errors": []} for k in kinds} for s in shapes}
+    res: dict[tuple, dict[str, dict]] = {tuple(s): {k: {"trials": [], "errors": []} for k in kinds} for s in shapes}
     for i in range(0, len(jobs), 2):
         procs = []
         for shape, k in jobs[i : i + 2]:
@@ -384,8 +395,9 @@ def main(argv=None):
     shapes = SHAPES[:1] if args.quick else SHAPES
     reps = args.reps or (3 if args.quick else 7)
     kinds = KERNELS + ([] if args.no_diagnostics else DIAGNOSTICS)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 inputs, "
-          f"{reps} interleaved reps, medians")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 inputs, {reps} interleaved reps, medians"
+    )
     t_start = time.perf_counter()
     summary = {}
     for shape in shapes:
@@ -396,8 +408,10 @@ def main(argv=None):
     print("\n== targets (median of per-rep ratios) ==")
     for shape, r in summary.items():
         speed, floor = r["mk_slerp/ps (speed-up)"], r["ps/floor_onepass"]
-        print(f"  {str(list(shape)):<15} mk_slerp/ps {speed:5.2f}x (>= 3: {'met' if speed >= 3 else 'MISSED'})"
-              f"   ps/floor_onepass {floor:5.2f}x (<= 2.2: {'met' if floor <= 2.2 else 'MISSED'})")
+        print(
+            f"  {str(list(shape)):<15} mk_slerp/ps {speed:5.2f}x (>= 3: {'met' if speed >= 3 else 'MISSED'})"
+            f"   ps/floor_onepass {floor:5.2f}x (<= 2.2: {'met' if floor <= 2.2 else 'MISSED'})"
+        )
     if not args.no_memory:
         mem = run_memory_probes(shapes, KERNELS)
         print_memory(mem)

@@ -3,10 +3,10 @@ import threading
 
 import pytest
 import torch
-
 from conftest import assert_close_to_ref, bf16_ulp, ref_keep, ref_slerp64
 from mergekit.merge_methods import merge_tensors
 from mergekit.merge_methods.slerp import slerp as mk_slerp_kernel
+
 from mergekit_partition_slerp import kernels, kernels_fastpath, partition
 
 
@@ -64,7 +64,9 @@ def test_large_tensor_stays_slerp_in_float64_accuracy():
     assert_close_to_ref(out, ref, a, b, "[14336, 4096]")
 
 
-HAS_ONE_GEMM = kernels_fastpath.one_gemm_usable(*(torch.zeros(1, kernels_fastpath.BLEND_MIN, dtype=torch.bfloat16),) * 2)
+HAS_ONE_GEMM = kernels_fastpath.one_gemm_usable(
+    *(torch.zeros(1, kernels_fastpath.BLEND_MIN, dtype=torch.bfloat16),) * 2
+)
 
 
 @pytest.fixture(params=["one_gemm", "chunk_loop"])
@@ -181,7 +183,7 @@ def test_same_bits_with_one_and_two_threads():
         two = [kernels.merge(a, b, 0.3, rowwise=r, drop_rate=p, mask=mask_for(name, 0, p)) for r in (False, True)]
     finally:
         torch.set_num_threads(before)
-    for x, y in zip(one, two):
+    for x, y in zip(one, two, strict=True):
         assert torch.equal(x.view(torch.int16), y.view(torch.int16))
 
 
@@ -350,7 +352,10 @@ PINNED = {
     ),
     "fp16_rowwise_drop": (
         lambda: kernels.merge(
-            *pair((40, 70000), torch.float16, noise=0.5, seed=10), 0.7, rowwise=True, drop_rate=0.5,
+            *pair((40, 70000), torch.float16, noise=0.5, seed=10),
+            0.7,
+            rowwise=True,
+            drop_rate=0.5,
             mask=mask_for(Q, 1, 0.5),
         ),
         "fe17941ee41b56baeb7aabcf0353a5a3bff9129d321344e816d8f432accd906b",
@@ -373,8 +378,11 @@ def _core_only(monkeypatch):
     monkeypatch.setattr(kernels_fastpath, "select", lambda *args, **kwargs: None)
 
 
-@pytest.mark.skipif(not HAS_ONE_GEMM, reason="no oneDNN bf16 GEMM on this CPU: the fast path is never chosen here "
-                    "(test_fast_path_arithmetic_matches_the_core runs its GEMM expression and restore step)")
+@pytest.mark.skipif(
+    not HAS_ONE_GEMM,
+    reason="no oneDNN bf16 GEMM on this CPU: the fast path is never chosen here "
+    "(test_fast_path_arithmetic_matches_the_core runs its GEMM expression and restore step)",
+)
 @pytest.mark.parametrize("shape", [(1 << 16,), (300, 1001), (512, 4096), (7, 9363)])  # n % 16: 0, 12, 0, 9
 @pytest.mark.parametrize("t,p", [(0.2, 0.0), (0.5, 0.0), (0.83, 0.0), (0.45, 0.28), (0.6, 0.9)])
 def test_fast_path_gives_the_core_bits(monkeypatch, shape, t, p):

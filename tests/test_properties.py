@@ -4,11 +4,11 @@ import math
 
 import numpy as np
 import torch
+from conftest import assert_close_to_ref, ref_keep, ref_slerp64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergekit_partition_slerp import kernels, partition
-from conftest import assert_close_to_ref, ref_keep, ref_slerp64
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # derandomize: the same 200 examples every run, so CI cannot fail on a draw a
@@ -90,7 +90,12 @@ def test_drop_fraction_within_binomial_bounds(n, p, seed):
 
 
 @SETTINGS
-@given(st.integers(1, 3000), st.lists(st.integers(1, 700), min_size=1, max_size=8), st.integers(0, 2**64 - 1), st.floats(0, 0.999))
+@given(
+    st.integers(1, 3000),
+    st.lists(st.integers(1, 700), min_size=1, max_size=8),
+    st.integers(0, 2**64 - 1),
+    st.floats(0, 0.999),
+)
 def test_chunked_mask_equals_one_shot(n, cuts, seed, p):
     name = "model.layers.7.mlp.gate_proj.weight"
     whole = ref_keep(name, seed, p, n)
@@ -110,7 +115,10 @@ def test_rescale_keeps_the_expected_delta(shape, t, p, seed):
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     name = "model.layers.1.self_attn.o_proj.weight"
-    mask = lambda s, k: partition.keep_mask_range(name, seed, p, s, k)
+
+    def mask(s, k):
+        return partition.keep_mask_range(name, seed, p, s, k)
+
     plain = kernels.merge(a, b, t).double()
     out = kernels.merge(a, b, t, drop_rate=p, rescale=True, mask=mask).double()
     keep = torch.from_numpy(ref_keep(name, seed, p, a.numel())).view(shape)

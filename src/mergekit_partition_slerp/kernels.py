@@ -22,8 +22,8 @@ bits do not depend on the thread count. Where a CPU has a faster pass 2 giving t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ EPS = 1e-8
 MASK_DRAW = 1 << 18  # keep-mask elements one worker thread draws at once
 
 MaskSource = Callable[[int, int], np.ndarray]  # (start, size) -> keep, row-major elements
-Piece = Tuple[int, int, int, int]  # rows [r0, r1) x columns [c0, c1), at most CHUNK elements
+Piece = tuple[int, int, int, int]  # rows [r0, r1) x columns [c0, c1), at most CHUNK elements
 
 
 class NonFiniteError(ValueError):
@@ -58,7 +58,7 @@ def merge(
     drop_rate: float = 0.0,
     rescale: bool = False,
     rowwise: bool = False,
-    mask: Optional[MaskSource] = None,
+    mask: MaskSource | None = None,
 ) -> torch.Tensor:
     """slerp(t, a, b), then the dropped elements back to `a` (DESIGN §3.5).
 
@@ -115,8 +115,8 @@ def _pass1(a2: torch.Tensor, b2: torch.Tensor, work: torch.dtype) -> torch.Tenso
     rows, cols = a2.shape
     if a2.numel() == 0:
         return torch.zeros(3, rows, dtype=torch.float64)
-    grams: List[torch.Tensor] = []
-    owners: List[np.ndarray] = []  # the row of each partial, non-decreasing
+    grams: list[torch.Tensor] = []
+    owners: list[np.ndarray] = []  # the row of each partial, non-decreasing
     buf = torch.empty(2, CHUNK, dtype=work)
     for r0, r1, c0, c1 in _pieces(rows, cols):
         width = c1 - c0
@@ -138,7 +138,7 @@ def _pass1(a2: torch.Tensor, b2: torch.Tensor, work: torch.dtype) -> torch.Tenso
     return torch.from_numpy(np.add.reduceat(np.stack((g[:, 0, 0], g[:, 1, 1], g[:, 0, 1])), starts, axis=1))
 
 
-def coefficients(sums: torch.Tensor, t: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def coefficients(sums: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row (ca, cb) with slerp = ca * a + cb * b, in float64; lerp's (1 - t, t) when a norm is
     below EPS or |cos| above DOT_THRESHOLD."""
     aa, bb, ab = sums
@@ -189,7 +189,7 @@ def _blend(a2, b2, t, ca, cb, drop_rate, rescale, mask) -> torch.Tensor:
     return out
 
 
-def _pieces(rows: int, cols: int) -> List[Piece]:
+def _pieces(rows: int, cols: int) -> list[Piece]:
     """The [rows, cols] view cut into pieces of at most CHUNK elements, in row-major order: whole
     rows when a row fits in a chunk, else CHUNK-long segments of one row."""
     if cols == 0:
@@ -226,7 +226,7 @@ def _float32_matmul_is_reduced() -> bool:
     ("high"/"medium"), common in GPU scripts, or the fp32_precision properties (matmul > mkldnn >
     global). Only read, never set."""
     try:
-        for level in (torch.backends.mkldnn.matmul, torch.backends.mkldnn, torch.backends):
+        for level in (getattr(torch.backends.mkldnn, "matmul", None), torch.backends.mkldnn, torch.backends):
             value = getattr(level, "fp32_precision", "none")
             if value != "none":
                 return value != "ieee"

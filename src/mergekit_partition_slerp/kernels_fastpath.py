@@ -14,8 +14,8 @@ module imports nothing from it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -25,17 +25,17 @@ EYE = 16  # the GEMM's width: out[:, j] = beta * a[:, j] + alpha * (b @ I)[:, j]
 RESTORE_DRAW = 1 << 18  # keep-mask elements one restore worker handles at once
 
 MaskSource = Callable[[int, int], np.ndarray]  # (start, size) -> keep, as in the core
-Pass2 = Callable[[float, float, Optional[MaskSource]], torch.Tensor]  # (ca, cb, mask) -> out
+Pass2 = Callable[[float, float, MaskSource | None], torch.Tensor]  # (ca, cb, mask) -> out
 
 
-def select(a2: torch.Tensor, b2: torch.Tensor, *, t: float, drop_rate: float, rescale: bool) -> Optional[Pass2]:
+def select(a2: torch.Tensor, b2: torch.Tensor, *, t: float, drop_rate: float, rescale: bool) -> Pass2 | None:
     """The pass 2 for these [rows, cols] inputs when this CPU has a faster one with the core's bits,
     else None. Rescale stays in the core: folded into the blend's coefficients it overflows float32
     for large weights at high drop rates."""
     if t == 1 or (drop_rate > 0 and rescale) or not one_gemm_usable(a2, b2):
         return None
 
-    def one_gemm(ca: float, cb: float, mask: Optional[MaskSource]) -> torch.Tensor:
+    def one_gemm(ca: float, cb: float, mask: MaskSource | None) -> torch.Tensor:
         out = gemm_blend(a2, b2, ca, cb)
         if drop_rate > 0:
             assert mask is not None
@@ -55,7 +55,7 @@ def one_gemm_usable(a2: torch.Tensor, b2: torch.Tensor) -> bool:
         and a2.is_contiguous()
         and b2.is_contiguous()
         and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
+        and bool(torch.backends.mkldnn.enabled)
         and torch.backends.cpu.get_cpu_capability() == "AVX512"
     )
 
