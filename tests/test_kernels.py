@@ -172,17 +172,20 @@ def test_zero_and_antipodal_inputs_stay_finite():
     torch.testing.assert_close(kernels.merge(b, -b, 0.25), 0.5 * b)
 
 
-def test_same_bits_with_one_and_two_threads():
+@pytest.mark.parametrize("precision", ["highest", "medium"])  # "medium": pass 1 in float64
+def test_same_bits_with_one_and_two_threads(precision):
     a, b = pair((4096, 1500), noise=0.5)
     p, name = 0.2, "model.layers.4.self_attn.o_proj.weight"
-    before = torch.get_num_threads()
+    before, knob = torch.get_num_threads(), torch.get_float32_matmul_precision()
     try:
+        torch.set_float32_matmul_precision(precision)
         torch.set_num_threads(1)
         one = [kernels.merge(a, b, 0.3, rowwise=r, drop_rate=p, mask=mask_for(name, 0, p)) for r in (False, True)]
         torch.set_num_threads(2)
         two = [kernels.merge(a, b, 0.3, rowwise=r, drop_rate=p, mask=mask_for(name, 0, p)) for r in (False, True)]
     finally:
         torch.set_num_threads(before)
+        torch.set_float32_matmul_precision(knob)
     for x, y in zip(one, two, strict=True):
         assert torch.equal(x.view(torch.int16), y.view(torch.int16))
 
