@@ -5,6 +5,7 @@
     python benchmarks/merge.py --keep-going    # on a busy machine: rerun cases until 3 clean runs each
     python benchmarks/merge.py --cold          # evict the checkpoints before each run; adds storage reads
     python benchmarks/merge.py --cache DIR     # family + outputs elsewhere (default benchmarks/.cache/)
+    python benchmarks/merge.py --cases cde --baseline ../other/src   # side by side with another checkout
 
 Cases (all bf16, CPU, tokenizer copying off, paths absolute):
   a  mergekit-yaml, slerp, base + 1 donor, t 0.5             (what one partition layer should cost)
@@ -265,12 +266,14 @@ def child(case: str, config: str, out: str) -> None:
 # --------------------------------------------------------------------------- parent
 
 
-def run_case(case: str, config: str, out: str) -> dict:
+def run_case(case: str, config: str, out: str, src: str | None = None) -> dict:
+    """One merge in a fresh process; `src` puts another checkout's src/ first on its sys.path."""
     if os.path.exists(out):  # every run writes a fresh output, as a user's would
         shutil.rmtree(out)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", case, config, out]
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(src)) if src else None
     with CallMeter() as m:
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if p.returncode != 0 or not lines:
         tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
@@ -306,6 +309,57 @@ def median_of(runs: list[dict], key: str):
     return statistics.median(r[key] for r in clean) if clean else None
 
 
+def side_by_side(cases, configs, cache, baseline, reps, cold, paths) -> None:
+    """Each case with the baseline package and with the installed one, back to back (which goes first
+    alternates), so that drift of this shared machine hits both alike; ratios are medians of per-pair
+    ratios over the pairs neither of which was contended (all pairs if none)."""
+    keys = [("proc_s", "process s"), ("inproc_s", "merge s"), ("cpu_s", "cpu s"), ("vmhwm", "HWM GiB")]
+    pairs: dict[str, list[tuple[dict, dict]]] = {c: [] for c in cases}
+    outs = {(c, who): os.path.join(cache, "out", f"{c}-{who}") for c in cases for who in ("base", "new")}
+    with BackgroundLoad() as load:
+        for rep in range(reps):
+            for c in cases:
+                got = {}
+                for who in ("base", "new") if rep % 2 == 0 else ("new", "base"):
+                    if cold:
+                        evict_page_cache(paths)
+                    wait_quiet(timeout=120)
+                    got[who] = run_case(c, configs[c], outs[c, who], baseline if who == "base" else None)
+                pairs[c].append((got["base"], got["new"]))
+                b, n = got["base"], got["new"]
+                if "error" in b or "error" in n or "skipped" in b or "skipped" in n:
+                    problem = [r.get("error") or r.get("skipped") for r in (b, n)]
+                    print(f"  rep {rep + 1} case {c}: baseline {problem[0]} | installed {problem[1]}")
+                    continue
+                print(
+                    f"  rep {rep + 1} case {c}: merge s {b['inproc_s']:.2f} (baseline) vs {n['inproc_s']:.2f}, "
+                    f"others used {b['other_cpu'] + n['other_cpu']:.1f} CPU s"
+                    f"{' (contended)' if b['contended'] or n['contended'] else ''}",
+                    flush=True,
+                )
+    print(f"\n== side by side: baseline {baseline} vs installed, {reps} pairs per case, medians ==")
+    print(f"{'case':<44}" + "".join(f"{label:>22}" for _, label in keys) + f"{'clean':>7}")
+    print(f"{'':<44}" + "".join(f"{'base / new / ratio':>22}" for _ in keys))
+    for c in cases:
+        ok = [(b, n) for b, n in pairs[c] if not any(k in r for r in (b, n) for k in ("error", "skipped"))]
+        if not ok:
+            print(f"{c + ' ' + CASES[c]:<44}  no successful pair")
+            continue
+        clean = [(b, n) for b, n in ok if not b["contended"] and not n["contended"]]
+        use = clean or ok
+        cells = []
+        for key, _ in keys:
+            scale = 2**30 if key == "vmhwm" else 1
+            base = statistics.median(b[key] for b, _ in use) / scale
+            new = statistics.median(n[key] for _, n in use) / scale
+            ratio = statistics.median(n[key] / b[key] for b, n in use)
+            cells.append(f"{base:>8.2f} /{new:>6.2f} /{ratio:>5.2f}")
+        print(f"{c + ' ' + CASES[c]:<44}" + "".join(f"{x:>22}" for x in cells) + f"{len(clean):>5}/{len(ok)}")
+    for c in cases:
+        print(f"  ({c}) outputs, baseline vs installed: {compare_outputs(outs[c, 'base'], outs[c, 'new'])}")
+    print(f"\n{load.describe()}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default=os.path.join(HERE, ".cache"))
@@ -322,6 +376,12 @@ def main(argv=None):
         action="store_true",
         help="evict the checkpoints from the page cache before every run (posix_fadvise on "
         "our files only) and report storage reads",
+    )
+    ap.add_argument(
+        "--baseline",
+        metavar="SRC",
+        help="side by side: run every case also with the package from SRC (another checkout's src/, "
+        "put first on the child's PYTHONPATH), back to back, and report per-pair ratios and output bits",
     )
     ap.add_argument("--child", nargs=3, metavar=("CASE", "CONFIG", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -340,6 +400,9 @@ def main(argv=None):
     print(f"family: base + {DONORS} donors, {shape}, {model_bytes / 2**30:.2f} GiB per model (bf16)")
 
     cases = list(args.cases)
+    if args.baseline:
+        side_by_side(cases, configs, cache, args.baseline, args.reps, args.cold, paths)
+        return
     runs: dict[str, list[dict]] = {c: [] for c in cases}
     outs = {c: os.path.join(cache, "out", c) for c in cases}
     skipped = set()
