@@ -323,7 +323,7 @@ def side_by_side(cases, configs, cache, baseline, reps, cold, paths) -> None:
                 for who in ("base", "new") if rep % 2 == 0 else ("new", "base"):
                     if cold:
                         evict_page_cache(paths)
-                    wait_quiet(timeout=120)
+                    wait_quiet(timeout=20)  # back to back, so load that stays hits both runs alike
                     got[who] = run_case(c, configs[c], outs[c, who], baseline if who == "base" else None)
                 pairs[c].append((got["base"], got["new"]))
                 b, n = got["base"], got["new"]
