@@ -2,6 +2,7 @@
 
     python benchmarks/kernel.py            # 4 Mistral-7B shapes, 7 reps (~4-5 min on 2 quiet cores)
     python benchmarks/kernel.py --quick    # [14336,4096] only, 3 reps
+    python benchmarks/kernel.py --baseline ../other/src   # kernels.merge side by side with another checkout's
     python benchmarks/kernel.py --memory ps --shape 14336,4096   # one memory probe (used internally)
 
 Timing runs every kernel in ONE process, interleaved (round-robin inside each
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import resource
@@ -30,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 
 import torch
@@ -56,6 +59,12 @@ KERNELS = ["floor_add", "floor_onepass", "mk_slerp", "mk_slerp_rowwise", "ps", "
 # output each call like ps does (first-touch page faults are not free), and ps
 # under torch.set_float32_matmul_precision("medium").
 DIAGNOSTICS = ["ps_pass1_stats", "ps_mask_draw", "floor_onepass_newout", "ps_knob"]
+
+# With --baseline: the package's kernels.merge against another checkout's, called directly.
+BASELINE_KERNELS = [f"{k}{who}" for k in ("kern", "kern_rowwise", "kern_drop", "kern_knob") for who in ("", "_base")]
+BASELINE_RATIOS = [
+    (f"{k}: installed/baseline", k, f"{k}_base") for k in ("kern", "kern_rowwise", "kern_drop", "kern_knob")
+]
 
 RATIOS = [  # (label, numerator, denominator)
     ("mk_slerp/ps (speed-up)", "mk_slerp", "ps"),
@@ -116,7 +125,28 @@ def _onepass(fa, fb, fo, x, y) -> None:
         fo[s:e].copy_(xs)
 
 
-def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor]:
+def load_baseline_kernels(src: str) -> types.ModuleType:
+    """The kernels module of another checkout (its src/ directory), imported beside the installed
+    one: a bare package object stands in for the other checkout's (whose __init__ would register
+    the method with mergekit again) while its kernels module and their siblings load."""
+    pkg_name = "mergekit_partition_slerp"
+
+    def ours():
+        return [k for k in sys.modules if k == pkg_name or k.startswith(pkg_name + ".")]
+
+    saved = {k: sys.modules.pop(k) for k in ours()}
+    pkg = types.ModuleType(pkg_name)
+    pkg.__path__ = [os.path.join(os.path.abspath(src), pkg_name)]
+    sys.modules[pkg_name] = pkg
+    try:
+        return importlib.import_module(pkg_name + ".kernels")
+    finally:
+        for k in ours():
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor, baseline=None) -> Callable[[], torch.Tensor]:
     """A zero-argument callable running `kind` on (a, b). Output buffers that the
     floors write into are allocated here, outside the timed call."""
     from mergekit.merge_methods import merge_tensors
@@ -163,6 +193,25 @@ def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], to
             params["drop_rate"] = 0.28
             name = ATTN_NAME
         return lambda: merge_tensors([a, b], "partition_slerp", parameters=params, base_index=0, name=name)
+    if kind.startswith("kern"):
+        mod = baseline if kind.endswith("_base") else kernels
+        variant = kind.removesuffix("_base")
+
+        def mask(start, size):
+            return partition.keep_mask_range(ATTN_NAME, 0, 0.28, start, size)
+
+        kw = {"kern_rowwise": {"rowwise": True}, "kern_drop": {"drop_rate": 0.28, "mask": mask}}.get(variant, {})
+
+        def kern():
+            knob = torch.get_float32_matmul_precision()
+            if variant == "kern_knob":
+                torch.set_float32_matmul_precision("medium")
+            try:
+                return mod.merge(a, b, 0.5, **kw)
+            finally:
+                torch.set_float32_matmul_precision(knob)
+
+        return kern
     if kind == "ps_knob":
         # ps while torch.set_float32_matmul_precision("medium") is set (common in GPU scripts):
         # pass 1 then sums in float64 instead of float32 block partials
@@ -193,11 +242,11 @@ def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], to
 # --------------------------------------------------------------------------- timing
 
 
-def time_shape(shape, reps: int, kinds: list[str]):
+def time_shape(shape, reps: int, kinds: list[str], baseline=None):
     """{kernel: [(ms, contended), ...]}, {kernel: [page faults, ...]}, and the
     seconds spent waiting for quiet."""
     a, b = make_inputs(shape)
-    fns = {k: build_kernel(k, a, b) for k in kinds}
+    fns = {k: build_kernel(k, a, b, baseline) for k in kinds}
     for fn in fns.values():  # warm-up: imports, first-touch page faults, allocator
         fn()
     samples: dict[str, list[tuple[float, bool]]] = {k: [] for k in kinds}
@@ -228,7 +277,7 @@ def robust_median(samples: list[tuple[float, bool]]) -> tuple[float, int]:
     return statistics.median(use), len(clean)
 
 
-def print_timing(shape, samples, faults):
+def print_timing(shape, samples, faults, ratio_list=RATIOS):
     med = {k: robust_median(v)[0] for k, v in samples.items()}
     numel = shape[0] * shape[1]
     reps = len(next(iter(samples.values())))
@@ -257,7 +306,7 @@ def print_timing(shape, samples, faults):
     mins = {k: min(ms for ms, _ in v) for k, v in samples.items()}
     print(f"  {'ratio':<34}{'per-rep':>8}{'medians':>9}{'minimums':>10}")
     ratios = {}
-    for label, num, den in RATIOS:
+    for label, num, den in ratio_list:
         if num in samples and den in samples:
             pairs = list(zip(samples[num], samples[den], strict=True))
             clean = [x / y for (x, cx), (y, cy) in pairs if not cx and not cy]
@@ -382,6 +431,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-kernel memory subprocesses")
     ap.add_argument("--no-diagnostics", action="store_true", help="skip the ps pass-1 / mask-draw breakdown")
+    ap.add_argument(
+        "--baseline",
+        metavar="SRC",
+        help="time kernels.merge (whole, rowwise, drop, under the precision knob) against the one in SRC, "
+        "another checkout's src/ directory, interleaved; no memory probes",
+    )
     ap.add_argument("--memory", metavar="KERNEL", help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -395,6 +450,10 @@ def main(argv=None):
     shapes = SHAPES[:1] if args.quick else SHAPES
     reps = args.reps or (3 if args.quick else 7)
     kinds = KERNELS + ([] if args.no_diagnostics else DIAGNOSTICS)
+    baseline = load_baseline_kernels(args.baseline) if args.baseline else None
+    if baseline is not None:
+        kinds = BASELINE_KERNELS
+        print(f"baseline: {baseline.__file__}")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 inputs, {reps} interleaved reps, medians"
     )
@@ -402,9 +461,12 @@ def main(argv=None):
     summary = {}
     for shape in shapes:
         with BackgroundLoad() as load:
-            samples, faults, waited = time_shape(shape, reps, kinds)
-        summary[shape] = print_timing(shape, samples, faults)[1]
+            samples, faults, waited = time_shape(shape, reps, kinds, baseline)
+        summary[shape] = print_timing(shape, samples, faults, BASELINE_RATIOS if baseline else RATIOS)[1]
         print(f"  ({load.describe()}; waited {waited:.0f} s for quiet)")
+    if baseline is not None:
+        print(f"\ntotal benchmark time {time.perf_counter() - t_start:.0f} s")
+        return
     print("\n== targets (median of per-rep ratios) ==")
     for shape, r in summary.items():
         speed, floor = r["mk_slerp/ps (speed-up)"], r["ps/floor_onepass"]
