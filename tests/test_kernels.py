@@ -1,4 +1,6 @@
+import gc
 import hashlib
+import os
 import threading
 
 import pytest
@@ -410,11 +412,13 @@ def test_fast_path_arithmetic_matches_the_core(monkeypatch):
     core = kernels.merge(a, b, 0.35).view(-1)
     core_drop = kernels.merge(a, b, 0.35, drop_rate=p, mask=mask_for(name, 2, p)).view(-1)
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # torch's generic GEMM for this call
-    generic = kernels_fastpath.gemm_blend(a2, b2, float(ca[0]), float(cb[0]))
+    generic = torch.empty_like(core)
+    kernels_fastpath.gemm_blend(generic, a2, b2, float(ca[0]), float(cb[0]))
     monkeypatch.undo()
     assert torch.equal(generic.view(torch.int16), core.view(torch.int16))
     if HAS_ONE_GEMM:
-        onednn = kernels_fastpath.gemm_blend(a2, b2, float(ca[0]), float(cb[0]))
+        onednn = torch.empty_like(core)
+        kernels_fastpath.gemm_blend(onednn, a2, b2, float(ca[0]), float(cb[0]))
         assert torch.equal(onednn.view(torch.int16), core.view(torch.int16))
     restored = core.clone()
     kernels_fastpath.restore_dropped(restored, a.view(-1), mask_for(name, 2, p))
@@ -434,3 +438,26 @@ def test_fast_path_is_chosen_only_where_it_applies():
     assert kernels_fastpath.select(a2.float(), b2.float(), t=0.3, drop_rate=0.0, rescale=False) is None
     small = pair((1000,))
     assert kernels_fastpath.select(*(x.view(1, -1) for x in small), t=0.3, drop_rate=0.0, rescale=False) is None
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc (Linux)")
+def test_output_memory_lives_as_long_as_a_view_of_it_and_no_longer():
+    a, b = pair((1024, 4096), noise=0.5, seed=12)  # 8 MiB outputs: their own huge-page mapping
+    first = kernels.merge(a, b, 0.3, rowwise=True)
+    want = first.clone()
+    row = first[3]
+    del first
+    for _ in range(3):  # new outputs must not land on memory a live view still uses
+        kernels.merge(a, b, 0.7, rowwise=True).fill_(7.0)
+    assert torch.equal(row, want[3])
+    del row
+    gc.collect()
+    before = _rss()
+    for _ in range(16):  # 128 MiB of outputs, each dropped at once: nothing may pile up
+        kernels.merge(a, b, 0.7)
+    assert _rss() - before < 48 << 20

@@ -25,7 +25,7 @@ EYE = 16  # the GEMM's width: out[:, j] = beta * a[:, j] + alpha * (b @ I)[:, j]
 RESTORE_DRAW = 1 << 18  # keep-mask elements one restore worker handles at once
 
 MaskSource = Callable[[int, int], np.ndarray]  # (start, size) -> keep, as in the core
-Pass2 = Callable[[float, float, MaskSource | None], torch.Tensor]  # (ca, cb, mask) -> out
+Pass2 = Callable[[torch.Tensor, float, float, MaskSource | None], None]  # (out, ca, cb, mask)
 
 
 def select(a2: torch.Tensor, b2: torch.Tensor, *, t: float, drop_rate: float, rescale: bool) -> Pass2 | None:
@@ -35,12 +35,11 @@ def select(a2: torch.Tensor, b2: torch.Tensor, *, t: float, drop_rate: float, re
     if t == 1 or (drop_rate > 0 and rescale) or not one_gemm_usable(a2, b2):
         return None
 
-    def one_gemm(ca: float, cb: float, mask: MaskSource | None) -> torch.Tensor:
-        out = gemm_blend(a2, b2, ca, cb)
+    def one_gemm(out: torch.Tensor, ca: float, cb: float, mask: MaskSource | None) -> None:
+        gemm_blend(out.view(-1), a2, b2, ca, cb)
         if drop_rate > 0:
             assert mask is not None
-            restore_dropped(out, a2.view(-1), mask)
-        return out
+            restore_dropped(out.view(-1), a2.view(-1), mask)
 
     return one_gemm
 
@@ -60,19 +59,17 @@ def one_gemm_usable(a2: torch.Tensor, b2: torch.Tensor) -> bool:
     )
 
 
-def gemm_blend(a2: torch.Tensor, b2: torch.Tensor, ca: float, cb: float) -> torch.Tensor:
-    """ca * a + cb * b in float32, rounded once to bf16, as one GEMM against a 16x16 identity (the
-    last n % 16 elements elementwise)."""
+def gemm_blend(out: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, ca: float, cb: float) -> None:
+    """out = ca * a + cb * b in float32, rounded once to bf16, as one GEMM against a 16x16 identity
+    (the last n % 16 elements elementwise); `out` is 1-D and contiguous."""
     n = a2.numel()
     body = n - n % EYE
-    out = torch.empty(n, dtype=a2.dtype)
     out.copy_(a2.view(-1))
     eye = torch.eye(EYE, dtype=torch.bfloat16)
     out[:body].view(-1, EYE).addmm_(b2.view(-1)[:body].view(-1, EYE), eye, beta=ca, alpha=cb)
     if body < n:
         tail = slice(body, n)
         out[tail] = (ca * a2.view(-1)[tail].float() + cb * b2.view(-1)[tail].float()).to(torch.bfloat16)
-    return out
 
 
 def restore_dropped(out: torch.Tensor, a: torch.Tensor, mask: MaskSource) -> None:
