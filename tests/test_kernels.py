@@ -447,7 +447,7 @@ def _rss() -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc (Linux)")
 def test_output_memory_lives_as_long_as_a_view_of_it_and_no_longer():
-    a, b = pair((1024, 4096), noise=0.5, seed=12)  # 8 MiB outputs: their own huge-page mapping
+    a, b = pair((1024, 4096), noise=0.5, seed=12)  # 8 MiB outputs
     first = kernels.merge(a, b, 0.3, rowwise=True)
     want = first.clone()
     row = first[3]

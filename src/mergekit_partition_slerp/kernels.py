@@ -22,8 +22,6 @@ bits do not depend on the thread count. Where a CPU has a faster pass 2 giving t
 
 from __future__ import annotations
 
-import math
-import mmap
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,7 +37,6 @@ CHUNK = 512 * BLOCK
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 MASK_DRAW = 1 << 18  # keep-mask elements one worker thread draws at once
-HUGE_PAGES_MIN = 4 << 20  # output bytes from which huge pages are asked for
 
 MaskSource = Callable[[int, int], np.ndarray]  # (start, size) -> keep, row-major elements
 Piece = tuple[int, int, int, int]  # rows [r0, r1) x columns [c0, c1), at most CHUNK elements
@@ -85,7 +82,7 @@ def merge(
         ca, cb = torch.zeros(rows, dtype=torch.float64), torch.ones(rows, dtype=torch.float64)
     else:
         ca, cb = coefficients(row_stats(a2, b2), t)
-    out = empty_output(a2.shape, a.dtype)
+    out = torch.empty(a2.shape, dtype=a.dtype)
     fast = kernels_fastpath.select(a2, b2, t=t, drop_rate=drop_rate, rescale=rescale)
     if fast is not None:
         fast(out, float(ca[0]), float(cb[0]), mask)
@@ -191,19 +188,6 @@ def _blend(out, a2, b2, t, ca, cb, drop_rate, rescale, mask) -> None:
                 zi.bitwise_and_(select)
                 torch.bitwise_xor(zi, xi, out=yi)
             out[r0:r1, c0:c1].copy_(ys)
-
-
-def empty_output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Memory for a merged tensor. A large one gets an anonymous mapping of its own with transparent
-    huge pages asked for (Linux, where THP is "always" or "madvise"): its first touch then faults
-    2 MiB pages instead of 4 KiB ones, 512x fewer faults, which on a VM otherwise cost as much as the
-    blend. The mapping belongs to the tensor and goes with it; nothing is kept or switched."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < HUGE_PAGES_MIN or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(shape, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory has its own THP knob
-    buf.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(buf, dtype=dtype).view(shape)
 
 
 def _pieces(rows: int, cols: int) -> list[Piece]:
