@@ -98,8 +98,8 @@ def row_stats(a2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     """
     work = torch.float64 if a2.dtype == torch.float64 else torch.float32
     if _float32_matmul_is_reduced():
-        # oneDNN would run the float32 products in bf16 (torch.set_float32_matmul_precision);
-        # float64 products are never reduced and lose nothing
+        # oneDNN would run the float32 products in bf16 (torch's float32 matmul precision set to
+        # "medium" or "high"); float64 products are never reduced and lose nothing
         work = torch.float64
     sums = _pass1(a2, b2, work)
     if not torch.isfinite(sums).all():
@@ -223,8 +223,8 @@ def select_bits(keep: np.ndarray, out: np.ndarray) -> None:
 
 
 def _float32_matmul_is_reduced() -> bool:
-    """Whether oneDNN may run float32 matmuls in lower precision: torch.set_float32_matmul_precision
-    ("high"/"medium"), common in GPU scripts, or the fp32_precision properties (matmul > mkldnn >
+    """Whether oneDNN may run float32 matmuls in lower precision: torch's float32 matmul precision
+    "high"/"medium", common in GPU scripts, or the fp32_precision properties (matmul > mkldnn >
     global). Only read, never set."""
     try:
         for level in (getattr(torch.backends.mkldnn, "matmul", None), torch.backends.mkldnn, torch.backends):
