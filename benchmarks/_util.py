@@ -40,9 +40,11 @@ class BackgroundLoad:
         return False
 
     def describe(self) -> str:
-        return (f"other processes used {self.other_cores:.2f} cores on average "
-                f"(steal {self.steal_cores:.2f}) over {self.wall:.0f} s; loadavg now "
-                f"{open('/proc/loadavg').read().split()[0]}")
+        return (
+            f"other processes used {self.other_cores:.2f} cores on average "
+            f"(steal {self.steal_cores:.2f}) over {self.wall:.0f} s; loadavg now "
+            f"{open('/proc/loadavg').read().split()[0]}"
+        )
 
 
 def other_cores(interval: float = 0.5) -> float:
@@ -64,6 +66,17 @@ def wait_quiet(threshold: float = 0.2, timeout: float = 300.0) -> float:
         if other_cores() < threshold:
             break
     return time.perf_counter() - t0
+
+
+def proc_status_kib(keys) -> dict:
+    """Fields of /proc/self/status given in kB (VmRSS, VmHWM, RssAnon, RssFile, ...), in KiB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in keys:
+                out[key] = int(rest.split()[0])
+    return out
 
 
 class CallMeter:

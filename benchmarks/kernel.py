@@ -2,6 +2,7 @@
 
     python benchmarks/kernel.py            # 4 Mistral-7B shapes, 7 reps (~4-5 min on 2 quiet cores)
     python benchmarks/kernel.py --quick    # [14336,4096] only, 3 reps
+    python benchmarks/kernel.py --baseline ../other/src   # kernels.merge side by side with another checkout's
     python benchmarks/kernel.py --memory ps --shape 14336,4096   # one memory probe (used internally)
 
 Timing runs every kernel in ONE process, interleaved (round-robin inside each
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import resource
@@ -30,12 +32,13 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+import types
+from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import BackgroundLoad, CallMeter, wait_quiet  # noqa: E402
+from _util import BackgroundLoad, CallMeter, proc_status_kib, wait_quiet  # noqa: E402
 
 THREADS = 2
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)]
@@ -52,9 +55,16 @@ ATTN_NAME = "model.layers.0.self_attn.q_proj.weight"  # drop is realistic on att
 # Kernels that are timed and memory-probed, in table order.
 KERNELS = ["floor_add", "floor_onepass", "mk_slerp", "mk_slerp_rowwise", "ps", "ps_rowwise", "ps_drop"]
 # Diagnostics, timed only, to show where ps's time goes: its pass 1 alone, the
-# drop-mask draws alone, and the one-pass floor when it must allocate a fresh
-# output each call like ps does (first-touch page faults are not free).
-DIAGNOSTICS = ["ps_pass1_stats", "ps_mask_draw", "floor_onepass_newout"]
+# drop-mask draws alone, the one-pass floor when it must allocate a fresh
+# output each call like ps does (first-touch page faults are not free), and ps
+# under torch.set_float32_matmul_precision("medium").
+DIAGNOSTICS = ["ps_pass1_stats", "ps_mask_draw", "floor_onepass_newout", "ps_knob"]
+
+# With --baseline: the package's kernels.merge against another checkout's, called directly.
+BASELINE_KERNELS = [f"{k}{who}" for k in ("kern", "kern_rowwise", "kern_drop", "kern_knob") for who in ("", "_base")]
+BASELINE_RATIOS = [
+    (f"{k}: installed/baseline", k, f"{k}_base") for k in ("kern", "kern_rowwise", "kern_drop", "kern_knob")
+]
 
 RATIOS = [  # (label, numerator, denominator)
     ("mk_slerp/ps (speed-up)", "mk_slerp", "ps"),
@@ -65,13 +75,14 @@ RATIOS = [  # (label, numerator, denominator)
     ("ps_drop/ps", "ps_drop", "ps"),
     ("ps_pass1_stats/ps", "ps_pass1_stats", "ps"),
     ("ps_mask_draw(1 thread)/ps", "ps_mask_draw", "ps"),
+    ("ps_knob/ps (precision knob)", "ps_knob", "ps"),
 ]
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def make_inputs(shape: Tuple[int, int], seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_inputs(shape: tuple[int, int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """base ~ N(0, 0.02^2) in bf16; donor = base + noise with 5% of the weights' std.
 
     5% relative noise gives cosine ~0.9988, i.e. below slerp's 0.9995 linear
@@ -114,14 +125,34 @@ def _onepass(fa, fb, fo, x, y) -> None:
         fo[s:e].copy_(xs)
 
 
-def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor]:
+def load_baseline_kernels(src: str) -> types.ModuleType:
+    """The kernels module of another checkout (its src/ directory), imported beside the installed
+    one: a bare package object stands in for the other checkout's (whose __init__ would register
+    the method with mergekit again) while its kernels module and their siblings load."""
+    pkg_name = "mergekit_partition_slerp"
+
+    def ours():
+        return [k for k in sys.modules if k == pkg_name or k.startswith(pkg_name + ".")]
+
+    saved = {k: sys.modules.pop(k) for k in ours()}
+    pkg = types.ModuleType(pkg_name)
+    pkg.__path__ = [os.path.join(os.path.abspath(src), pkg_name)]
+    sys.modules[pkg_name] = pkg
+    try:
+        return importlib.import_module(pkg_name + ".kernels")
+    finally:
+        for k in ours():
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor, baseline=None) -> Callable[[], torch.Tensor]:
     """A zero-argument callable running `kind` on (a, b). Output buffers that the
     floors write into are allocated here, outside the timed call."""
     from mergekit.merge_methods import merge_tensors
     from mergekit.merge_methods.slerp import slerp
-    # Private helpers of the package, on purpose: the diagnostics take ps apart.
-    from mergekit_partition_slerp import kernels as PK
-    from mergekit_partition_slerp import partition
+
+    from mergekit_partition_slerp import kernels, partition
 
     rows = a.shape[0]
     fa, fb = a.view(-1), b.view(-1)
@@ -162,17 +193,48 @@ def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], to
             params["drop_rate"] = 0.28
             name = ATTN_NAME
         return lambda: merge_tensors([a, b], "partition_slerp", parameters=params, base_index=0, name=name)
+    if kind.startswith("kern"):
+        mod = baseline if kind.endswith("_base") else kernels
+        variant = kind.removesuffix("_base")
+
+        def mask(start, size):
+            return partition.keep_mask_range(ATTN_NAME, 0, 0.28, start, size)
+
+        kw = {"kern_rowwise": {"rowwise": True}, "kern_drop": {"drop_rate": 0.28, "mask": mask}}.get(variant, {})
+
+        def kern():
+            knob = torch.get_float32_matmul_precision()
+            if variant == "kern_knob":
+                torch.set_float32_matmul_precision("medium")
+            try:
+                return mod.merge(a, b, 0.5, **kw)
+            finally:
+                torch.set_float32_matmul_precision(knob)
+
+        return kern
+    if kind == "ps_knob":
+        # ps while torch.set_float32_matmul_precision("medium") is set (common in GPU scripts):
+        # pass 1 then sums in float64 instead of float32 block partials
+        def knob():
+            before = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("medium")
+            try:
+                return merge_tensors(
+                    [a, b], "partition_slerp", parameters={"t": 0.5, "num_layers": 1}, base_index=0, name=MLP_NAME
+                )
+            finally:
+                torch.set_float32_matmul_precision(before)
+
+        return knob
     if kind == "ps_pass1_stats":
-        # Pass 1 of ps alone: per-row |a|^2, |b|^2, a.b (one row: whole tensor).
-        rows1, cols1 = PK._layout(a, rowwise=False)
-        pieces = PK._chunks(rows1, cols1)
-        a2, b2 = a.reshape(rows1, cols1), b.reshape(rows1, cols1)
-        return lambda: PK._stats(a2, b2, rows1, cols1, pieces, torch.float32)
+        # Pass 1 of ps alone: |a|^2, |b|^2, a.b of the whole tensor.
+        a2, b2 = a.reshape(1, -1), b.reshape(1, -1)
+        return lambda: kernels.row_stats(a2, b2)
     if kind == "ps_mask_draw":
-        # The Philox keep-mask draws of ps_drop, serially on this thread (ps_drop
-        # runs them on 2 worker threads overlapped with the arithmetic).
+        # The Philox keep-mask draws of ps_drop, serially on this thread (ps_drop runs them on 2
+        # worker threads, in turns with the arithmetic).
         n = a.numel()
-        spans = [(s, min(PK.CHUNK, n - s)) for s in range(0, n, PK.CHUNK)]
+        spans = [(s, min(kernels.CHUNK, n - s)) for s in range(0, n, kernels.CHUNK)]
         return lambda: [partition.keep_mask_range(ATTN_NAME, 0, 0.28, s, k) for s, k in spans]
     raise ValueError(f"unknown kernel {kind!r}")
 
@@ -180,15 +242,15 @@ def build_kernel(kind: str, a: torch.Tensor, b: torch.Tensor) -> Callable[[], to
 # --------------------------------------------------------------------------- timing
 
 
-def time_shape(shape, reps: int, kinds: List[str]):
+def time_shape(shape, reps: int, kinds: list[str], baseline=None):
     """{kernel: [(ms, contended), ...]}, {kernel: [page faults, ...]}, and the
     seconds spent waiting for quiet."""
     a, b = make_inputs(shape)
-    fns = {k: build_kernel(k, a, b) for k in kinds}
+    fns = {k: build_kernel(k, a, b, baseline) for k in kinds}
     for fn in fns.values():  # warm-up: imports, first-touch page faults, allocator
         fn()
-    samples: Dict[str, List[Tuple[float, bool]]] = {k: [] for k in kinds}
-    faults: Dict[str, List[int]] = {k: [] for k in kinds}
+    samples: dict[str, list[tuple[float, bool]]] = {k: [] for k in kinds}
+    faults: dict[str, list[int]] = {k: [] for k in kinds}
     waited = 0.0
     for rep in range(reps):
         waited += wait_quiet(timeout=30)  # bounded: the whole run should stay ~5 min
@@ -207,7 +269,7 @@ def time_shape(shape, reps: int, kinds: List[str]):
     return samples, faults, waited
 
 
-def robust_median(samples: List[Tuple[float, bool]]) -> Tuple[float, int]:
+def robust_median(samples: list[tuple[float, bool]]) -> tuple[float, int]:
     """Median over the samples no other process competed with, if at least
     one exists; else over all. Returns (median ms, number of samples used)."""
     clean = [ms for ms, contended in samples if not contended]
@@ -215,12 +277,14 @@ def robust_median(samples: List[Tuple[float, bool]]) -> Tuple[float, int]:
     return statistics.median(use), len(clean)
 
 
-def print_timing(shape, samples, faults):
+def print_timing(shape, samples, faults, ratio_list=RATIOS):
     med = {k: robust_median(v)[0] for k, v in samples.items()}
     numel = shape[0] * shape[1]
     reps = len(next(iter(samples.values())))
-    print(f"\n== shape {list(shape)} ({SHAPE_NOTES.get(tuple(shape), '')}), "
-          f"{numel * 2 / 2**20:.0f} MiB per bf16 tensor, {reps} reps ==")
+    print(
+        f"\n== shape {list(shape)} ({SHAPE_NOTES.get(tuple(shape), '')}), "
+        f"{numel * 2 / 2**20:.0f} MiB per bf16 tensor, {reps} reps =="
+    )
     print(f"{'kernel':<22}{'median ms':>10}{'min ms':>9}{'max ms':>10}{'clean':>7}{'GB/s*':>7}{'faults':>16}")
     for k, v in samples.items():
         # GB/s*: one read of both inputs + one write of the output, per second.
@@ -229,8 +293,10 @@ def print_timing(shape, samples, faults):
         all_ms = [ms for ms, _ in v]
         clean = robust_median(v)[1]
         fl = sorted(faults[k])
-        print(f"{k:<22}{med[k]:>10.1f}{min(all_ms):>9.1f}{max(all_ms):>10.1f}{clean:>4}/{reps:<2}{gbs:>7.2f}"
-              f"{str(fl[0]) + '..' + str(fl[-1]):>16}")
+        print(
+            f"{k:<22}{med[k]:>10.1f}{min(all_ms):>9.1f}{max(all_ms):>10.1f}{clean:>4}/{reps:<2}{gbs:>7.2f}"
+            f"{str(fl[0]) + '..' + str(fl[-1]):>16}"
+        )
     # Ratios are medians of per-rep ratios: the two kernels of a pair ran within
     # a second or two of each other, so drift of the machine cancels out. The
     # ratio of minimums is shown too: on this VM a call that must fault in a
@@ -240,9 +306,9 @@ def print_timing(shape, samples, faults):
     mins = {k: min(ms for ms, _ in v) for k, v in samples.items()}
     print(f"  {'ratio':<34}{'per-rep':>8}{'medians':>9}{'minimums':>10}")
     ratios = {}
-    for label, num, den in RATIOS:
+    for label, num, den in ratio_list:
         if num in samples and den in samples:
-            pairs = list(zip(samples[num], samples[den]))
+            pairs = list(zip(samples[num], samples[den], strict=True))
             clean = [x / y for (x, cx), (y, cy) in pairs if not cx and not cy]
             ratios[label] = statistics.median(clean or [x / y for (x, _), (y, _) in pairs])
             print(f"  {label:<34}{ratios[label]:>7.2f}x{med[num] / med[den]:>8.2f}x{mins[num] / mins[den]:>9.2f}x")
@@ -252,15 +318,9 @@ def print_timing(shape, samples, faults):
 # --------------------------------------------------------------------------- memory
 
 
-def _status() -> Dict[str, int]:
-    """VmRSS / VmHWM / RssAnon of this process, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(rest.split()[0]) * 1024
-    return out
+def _status() -> dict[str, int]:
+    """VmRSS / VmHWM / RssAnon / RssFile of this process, in bytes."""
+    return {k: v * 1024 for k, v in proc_status_kib(("VmRSS", "VmHWM", "RssAnon", "RssFile")).items()}
 
 
 def _malloc_trim() -> None:
@@ -284,7 +344,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def memory_probe(kind: str, shape: Tuple[int, int]) -> Dict:
+def memory_probe(kind: str, shape: tuple[int, int]) -> dict:
     """Run in a fresh process: peak RSS the kernel adds beyond inputs and output."""
     torch.set_num_threads(THREADS)
     # Warm up on a tiny tensor first: the first merge_tensors call imports
@@ -314,14 +374,14 @@ def memory_probe(kind: str, shape: Tuple[int, int]) -> Dict:
     }
 
 
-def run_memory_probes(shapes, kinds) -> Dict[Tuple, Dict[str, Dict]]:
+def run_memory_probes(shapes, kinds) -> dict[tuple, dict[str, dict]]:
     """Fresh probes per (shape, kernel), run two at a time (memory is per
     process, so running side by side does not change it; it halves the wall
     time). mergekit's slerp gets two trials: its peak depends on how glibc's
     per-thread arenas happen to recycle its per-chunk temporaries, and varies
     from run to run by up to ~30x; our kernels reuse preallocated scratch."""
     jobs = [(tuple(shape), k) for shape in shapes for k in kinds for _ in range(2 if k.startswith("mk_") else 1)]
-    res: Dict[Tuple, Dict[str, Dict]] = {tuple(s): {k: {"trials": [], "errors": []} for k in kinds} for s in shapes}
+    res: dict[tuple, dict[str, dict]] = {tuple(s): {k: {"trials": [], "errors": []} for k in kinds} for s in shapes}
     for i in range(0, len(jobs), 2):
         procs = []
         for shape, k in jobs[i : i + 2]:
@@ -371,6 +431,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-kernel memory subprocesses")
     ap.add_argument("--no-diagnostics", action="store_true", help="skip the ps pass-1 / mask-draw breakdown")
+    ap.add_argument(
+        "--baseline",
+        metavar="SRC",
+        help="time kernels.merge (whole, rowwise, drop, under the precision knob) against the one in SRC, "
+        "another checkout's src/ directory, interleaved; no memory probes",
+    )
     ap.add_argument("--memory", metavar="KERNEL", help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -384,20 +450,30 @@ def main(argv=None):
     shapes = SHAPES[:1] if args.quick else SHAPES
     reps = args.reps or (3 if args.quick else 7)
     kinds = KERNELS + ([] if args.no_diagnostics else DIAGNOSTICS)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 inputs, "
-          f"{reps} interleaved reps, medians")
+    baseline = load_baseline_kernels(args.baseline) if args.baseline else None
+    if baseline is not None:
+        kinds = BASELINE_KERNELS
+        print(f"baseline: {baseline.__file__}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 inputs, {reps} interleaved reps, medians"
+    )
     t_start = time.perf_counter()
     summary = {}
     for shape in shapes:
         with BackgroundLoad() as load:
-            samples, faults, waited = time_shape(shape, reps, kinds)
-        summary[shape] = print_timing(shape, samples, faults)[1]
+            samples, faults, waited = time_shape(shape, reps, kinds, baseline)
+        summary[shape] = print_timing(shape, samples, faults, BASELINE_RATIOS if baseline else RATIOS)[1]
         print(f"  ({load.describe()}; waited {waited:.0f} s for quiet)")
+    if baseline is not None:
+        print(f"\ntotal benchmark time {time.perf_counter() - t_start:.0f} s")
+        return
     print("\n== targets (median of per-rep ratios) ==")
     for shape, r in summary.items():
         speed, floor = r["mk_slerp/ps (speed-up)"], r["ps/floor_onepass"]
-        print(f"  {str(list(shape)):<15} mk_slerp/ps {speed:5.2f}x (>= 3: {'met' if speed >= 3 else 'MISSED'})"
-              f"   ps/floor_onepass {floor:5.2f}x (<= 2.2: {'met' if floor <= 2.2 else 'MISSED'})")
+        print(
+            f"  {str(list(shape)):<15} mk_slerp/ps {speed:5.2f}x (>= 3: {'met' if speed >= 3 else 'MISSED'})"
+            f"   ps/floor_onepass {floor:5.2f}x (<= 2.2: {'met' if floor <= 2.2 else 'MISSED'})"
+        )
     if not args.no_memory:
         mem = run_memory_probes(shapes, KERNELS)
         print_memory(mem)

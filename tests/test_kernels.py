@@ -1,3 +1,6 @@
+import gc
+import hashlib
+import os
 import threading
 
 import pytest
@@ -5,7 +8,7 @@ import torch
 from mergekit.merge_methods import merge_tensors
 from mergekit.merge_methods.slerp import slerp as mk_slerp_kernel
 
-from mergekit_partition_slerp import kernels, partition
+from mergekit_partition_slerp import kernels, kernels_fastpath, partition
 
 from helpers import assert_close_to_ref, bf16_ulp, ref_keep, ref_slerp64
 
@@ -53,7 +56,6 @@ def test_rowwise_matches_mergekit_kernel_on_2d_weight():
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow  # 58M elements and their float64 reference
 def test_large_tensor_stays_slerp_in_float64_accuracy():
     # fp32 norms drift on tens of millions of elements and can turn this slerp
     # (cos ~ 0.96) into a lerp; the float64 reference catches that.
@@ -65,14 +67,19 @@ def test_large_tensor_stays_slerp_in_float64_accuracy():
     assert_close_to_ref(out, ref, a, b, "[14336, 4096]")
 
 
+HAS_ONE_GEMM = kernels_fastpath.one_gemm_usable(
+    *(torch.zeros(1, kernels_fastpath.BLEND_MIN, dtype=torch.bfloat16),) * 2
+)
+
+
 @pytest.fixture(params=["one_gemm", "chunk_loop"])
 def blend_path(request, monkeypatch):
     """Run a test through both pass-2 paths for whole-tensor bf16: the single
     GEMM (where this CPU has it) and the float32 chunk loop."""
     if request.param == "chunk_loop":
-        monkeypatch.setattr(kernels, "_one_gemm_blend", lambda a2, b2: False)
-    elif not kernels._one_gemm_blend(*(torch.zeros(1, kernels.BLEND_MIN, dtype=torch.bfloat16),) * 2):
-        pytest.skip("no oneDNN bf16 GEMM on this CPU")
+        monkeypatch.setattr(kernels_fastpath, "select", lambda *args, **kwargs: None)
+    elif not HAS_ONE_GEMM:
+        pytest.skip("no oneDNN bf16 GEMM on this CPU (the fast path is never chosen here)")
     return request.param
 
 
@@ -168,18 +175,21 @@ def test_zero_and_antipodal_inputs_stay_finite():
     torch.testing.assert_close(kernels.merge(b, -b, 0.25), 0.5 * b)
 
 
-def test_same_bits_with_one_and_two_threads():
+@pytest.mark.parametrize("precision", ["highest", "medium"])  # "medium": pass 1 in float64
+def test_same_bits_with_one_and_two_threads(precision):
     a, b = pair((4096, 1500), noise=0.5)
     p, name = 0.2, "model.layers.4.self_attn.o_proj.weight"
-    before = torch.get_num_threads()
+    before, knob = torch.get_num_threads(), torch.get_float32_matmul_precision()
     try:
+        torch.set_float32_matmul_precision(precision)
         torch.set_num_threads(1)
         one = [kernels.merge(a, b, 0.3, rowwise=r, drop_rate=p, mask=mask_for(name, 0, p)) for r in (False, True)]
         torch.set_num_threads(2)
         two = [kernels.merge(a, b, 0.3, rowwise=r, drop_rate=p, mask=mask_for(name, 0, p)) for r in (False, True)]
     finally:
         torch.set_num_threads(before)
-    for x, y in zip(one, two):
+        torch.set_float32_matmul_precision(knob)
+    for x, y in zip(one, two, strict=True):
         assert torch.equal(x.view(torch.int16), y.view(torch.int16))
 
 
@@ -216,20 +226,30 @@ def test_empty_tensors_merge_to_empty(shape, rowwise):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_float32_matmul_precision_knob_changes_no_bits(dtype):
-    # torch.set_float32_matmul_precision("medium") makes oneDNN run float32
-    # matmuls in bf16 on CPU; the norms must not notice.
+def test_float32_matmul_precision_knob_takes_float64_and_leaves_torch_alone(dtype):
+    # torch.set_float32_matmul_precision("medium") lets oneDNN run float32 matmuls with bf16
+    # products, so float32 block partials would follow oneDNN's kernels: pass 1 runs in float64
+    # then, switching nothing of torch's. Its coefficients move by a few float32 ulps against the
+    # float32 partials' (which are ~1e-6 relative off): outputs differ from the knob-free ones by one
+    # rounding of the dtype, plus 1e-6 of the inputs' magnitude where they cancel.
     a, b = pair((1500, 1000), dtype, noise=0.4, seed=8)
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
         exact = kernels.merge(a, b, 0.4)
         torch.set_float32_matmul_precision("medium")
+        stats = kernels.row_stats(a.view(1, -1), b.view(1, -1)).view(-1)
         reduced = kernels.merge(a, b, 0.4)
+        assert torch.get_float32_matmul_precision() == "medium"
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
     finally:
         torch.set_float32_matmul_precision(before)
-    assert torch.equal(exact, reduced)
     assert torch.backends.mkldnn.enabled
+    a64, b64 = a.double().view(-1), b.double().view(-1)
+    ref = torch.stack([a64 @ a64, b64 @ b64, a64 @ b64])
+    assert ((stats - ref).abs() <= 1e-12 * ref.abs()).all()  # float64 sums, not float32 or bf16 partials
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(exact.double().abs().clamp_min(1e-30))))
+    assert ((reduced.double() - exact.double()).abs() <= ulp + 1e-6 * (a.double().abs() + b.double().abs())).all()
 
 
 def test_bf16_subnormals_stay_within_the_smallest_normal(blend_path):
@@ -246,8 +266,8 @@ def test_bf16_subnormals_stay_within_the_smallest_normal(blend_path):
 
 
 def test_concurrent_merges_under_a_precision_knob_keep_their_bits_and_the_flag():
-    # With "medium" set, pass 1 switches oneDNN off for a moment; merges on
-    # other threads must neither see that switch nor leave it switched.
+    # With "medium" set, merges on several threads give the bits one merge gives alone, and
+    # oneDNN stays on (an earlier kernel switched it off around pass 1).
     jobs = [pair((1 << 17,), noise=0.8, seed=1), pair((1 << 17,), torch.float32, noise=0.8, seed=2)]
     before = torch.get_float32_matmul_precision()
     results = {}
@@ -280,8 +300,7 @@ def test_rowwise_long_rows_sum_in_block_partials():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(2, 1 << 20, generator=g)
     b = a + 0.0316 * torch.randn(2, 1 << 20, generator=g)
-    rows, cols = kernels._layout(a, True)
-    s = kernels._stats(a, b, rows, cols, kernels._chunks(rows, cols), torch.float32)
+    s = kernels.row_stats(a, b)
     a64, b64 = a.double(), b.double()
     ref = torch.stack([(a64 * a64).sum(1), (b64 * b64).sum(1), (a64 * b64).sum(1)])
     assert ((s - ref).abs() / ref.abs()).max() < 1e-7
@@ -296,29 +315,150 @@ def test_rescale_with_huge_weights_stays_finite(blend_path):
     assert torch.equal(out, a)
 
 
-def test_output_memory_is_reused_only_once_nothing_holds_it():
-    a, b = pair((512, 1024), noise=0.5, seed=12)
-    first = kernels.merge(a, b, 0.3)
+# sha256 of the kernel's output bytes, computed from the kernel as it was before the core / fast
+# path split (commit 11fcd2a) with this generator, on an AVX-512 CPU (one-GEMM pass 2) and again
+# with the chunk loop forced (the same digests):
+#
+#     Q = "model.layers.0.self_attn.q_proj.weight"
+#     cases = {  # name: lambda -> output of kernels.merge
+#         "bf16_whole": merge(*pair((300, 1001), noise=0.7, seed=5), 0.3),
+#         "bf16_whole_small": merge(*pair((33, 17), noise=0.7, seed=6), 0.6),
+#         "bf16_drop": merge(*pair((300, 1001), noise=0.7, seed=7), 0.45, drop_rate=0.28, mask=mask_for(Q, 0, 0.28)),
+#         "fp32_rowwise": merge(*pair((64, 3000), torch.float32, noise=1.0, seed=8), 0.4, rowwise=True),
+#         "bf16_rescale": merge(*pair((300, 1001), noise=0.7, seed=9), 0.45, drop_rate=0.35, rescale=True,
+#                               mask=mask_for(Q, 3, 0.35)),
+#         "fp16_rowwise_drop": merge(*pair((40, 70000), torch.float16, noise=0.5, seed=10), 0.7, rowwise=True,
+#                                    drop_rate=0.5, mask=mask_for(Q, 1, 0.5)),
+#         "fp64_whole": merge(*pair((129, 65), torch.float64, noise=2.0, seed=11), 0.25),
+#     }
+#     hashlib.sha256(out.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+Q = "model.layers.0.self_attn.q_proj.weight"
+PINNED = {
+    "bf16_whole": (
+        lambda: kernels.merge(*pair((300, 1001), noise=0.7, seed=5), 0.3),
+        "cc6909ceffa867d2ea17f139776b73480707a05039a5c710fc17702e633a216a",
+    ),
+    "bf16_whole_small": (
+        lambda: kernels.merge(*pair((33, 17), noise=0.7, seed=6), 0.6),
+        "eef4f27bc7bd2d6937169e22640f21488383a8bd75b9b158708f5d50e5652bb2",
+    ),
+    "bf16_drop": (
+        lambda: kernels.merge(*pair((300, 1001), noise=0.7, seed=7), 0.45, drop_rate=0.28, mask=mask_for(Q, 0, 0.28)),
+        "113453d14b8ed7be83e557e6736f2c15fe66000a2d0d90dcfd68b0eef9556ec9",
+    ),
+    "fp32_rowwise": (
+        lambda: kernels.merge(*pair((64, 3000), torch.float32, noise=1.0, seed=8), 0.4, rowwise=True),
+        "876c55cb53dc7a865382c9ca6d280dab91a49628eeb24fcd3e244c2f5abeb165",
+    ),
+    "bf16_rescale": (
+        lambda: kernels.merge(
+            *pair((300, 1001), noise=0.7, seed=9), 0.45, drop_rate=0.35, rescale=True, mask=mask_for(Q, 3, 0.35)
+        ),
+        "906303d033eb95cc604df032cccb163407a72565ce236475b548dd92a0eadcab",
+    ),
+    "fp16_rowwise_drop": (
+        lambda: kernels.merge(
+            *pair((40, 70000), torch.float16, noise=0.5, seed=10),
+            0.7,
+            rowwise=True,
+            drop_rate=0.5,
+            mask=mask_for(Q, 1, 0.5),
+        ),
+        "fe17941ee41b56baeb7aabcf0353a5a3bff9129d321344e816d8f432accd906b",
+    ),
+    "fp64_whole": (
+        lambda: kernels.merge(*pair((129, 65), torch.float64, noise=2.0, seed=11), 0.25),
+        "73d1644052e46f03bd6bc8c430d4572e15c44a87f9f689f0be842e19bccabc5a",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_outputs_keep_the_pinned_bits(blend_path, case):
+    run, digest = PINNED[case]
+    out = run()
+    assert hashlib.sha256(out.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest() == digest
+
+
+def _core_only(monkeypatch):
+    monkeypatch.setattr(kernels_fastpath, "select", lambda *args, **kwargs: None)
+
+
+@pytest.mark.skipif(
+    not HAS_ONE_GEMM,
+    reason="no oneDNN bf16 GEMM on this CPU: the fast path is never chosen here "
+    "(test_fast_path_arithmetic_matches_the_core runs its GEMM expression and restore step)",
+)
+@pytest.mark.parametrize("shape", [(1 << 16,), (300, 1001), (512, 4096), (7, 9363)])  # n % 16: 0, 12, 0, 9
+@pytest.mark.parametrize("t,p", [(0.2, 0.0), (0.5, 0.0), (0.83, 0.0), (0.45, 0.28), (0.6, 0.9)])
+def test_fast_path_gives_the_core_bits(monkeypatch, shape, t, p):
+    a, b = pair(shape, noise=0.9, seed=shape[0] % 97)
+    mask = mask_for("model.layers.5.self_attn.v_proj.weight", 4, p) if p else None
+    assert kernels_fastpath.select(a.view(1, -1), b.view(1, -1), t=t, drop_rate=p, rescale=False) is not None
+    fast = kernels.merge(a, b, t, drop_rate=p, mask=mask)
+    with monkeypatch.context() as m:
+        _core_only(m)
+        core = kernels.merge(a, b, t, drop_rate=p, mask=mask)
+    assert torch.equal(fast.view(torch.int16), core.view(torch.int16))
+
+
+def test_fast_path_arithmetic_matches_the_core(monkeypatch):
+    # Runs everywhere: the fast path's GEMM expression (on torch's generic bf16 GEMM when oneDNN is
+    # off, which is exact too) and its bitwise restore, each against the core's chunk loop.
+    a, b = pair((300, 1001), noise=0.8, seed=3)
+    a2, b2 = a.view(1, -1), b.view(1, -1)
+    ca, cb = kernels.coefficients(kernels.row_stats(a2, b2), 0.35)
+    name, p = "model.layers.1.self_attn.o_proj.weight", 0.4
+    _core_only(monkeypatch)
+    core = kernels.merge(a, b, 0.35).view(-1)
+    core_drop = kernels.merge(a, b, 0.35, drop_rate=p, mask=mask_for(name, 2, p)).view(-1)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # torch's generic GEMM for this call
+    generic = torch.empty_like(core)
+    kernels_fastpath.gemm_blend(generic, a2, b2, float(ca[0]), float(cb[0]))
+    monkeypatch.undo()
+    assert torch.equal(generic.view(torch.int16), core.view(torch.int16))
+    if HAS_ONE_GEMM:
+        onednn = torch.empty_like(core)
+        kernels_fastpath.gemm_blend(onednn, a2, b2, float(ca[0]), float(cb[0]))
+        assert torch.equal(onednn.view(torch.int16), core.view(torch.int16))
+    restored = core.clone()
+    kernels_fastpath.restore_dropped(restored, a.view(-1), mask_for(name, 2, p))
+    assert torch.equal(restored.view(torch.int16), core_drop.view(torch.int16))
+    keep = torch.from_numpy(ref_keep(name, 2, p, a.numel()))
+    assert torch.equal(restored.view(torch.int16), torch.where(keep, core, a.view(-1)).view(torch.int16))
+
+
+def test_fast_path_is_chosen_only_where_it_applies():
+    a, b = pair((300, 1001), noise=0.8, seed=3)
+    a2, b2 = a.view(1, -1), b.view(1, -1)
+    chosen = kernels_fastpath.select(a2, b2, t=0.3, drop_rate=0.0, rescale=False) is not None
+    assert chosen == (torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.backends.mkldnn.is_available())
+    assert kernels_fastpath.select(a2, b2, t=1.0, drop_rate=0.3, rescale=False) is None
+    assert kernels_fastpath.select(a2, b2, t=0.3, drop_rate=0.3, rescale=True) is None
+    assert kernels_fastpath.select(a.view(300, -1), b.view(300, -1), t=0.3, drop_rate=0.0, rescale=False) is None
+    assert kernels_fastpath.select(a2.float(), b2.float(), t=0.3, drop_rate=0.0, rescale=False) is None
+    small = pair((1000,))
+    assert kernels_fastpath.select(*(x.view(1, -1) for x in small), t=0.3, drop_rate=0.0, rescale=False) is None
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc (Linux)")
+def test_output_memory_lives_as_long_as_a_view_of_it_and_no_longer():
+    a, b = pair((1024, 4096), noise=0.5, seed=12)  # 8 MiB outputs
+    first = kernels.merge(a, b, 0.3, rowwise=True)
     want = first.clone()
-    second = kernels.merge(a, b, 0.7)  # `first` is alive: fresh memory
-    assert second.data_ptr() != first.data_ptr() and torch.equal(first, want)
-    row = first[3]  # a view keeps the memory too
-    ptr = first.data_ptr()
+    row = first[3]
     del first
-    third = kernels.merge(a, b, 0.5)
-    assert third.data_ptr() != ptr and torch.equal(row, want[3])
-    released = {ptr, third.data_ptr()}
-    del row, third
-    fourth = kernels.merge(a, b, 0.3)  # nothing holds them now: one is reused
-    assert fourth.data_ptr() in released and torch.equal(fourth, want)
-
-
-def test_output_pool_keeps_little_idle_memory():
-    pool = kernels._OutputPool()
-    pool.IDLE_BYTES = 1 << 20
-    outs = [pool.empty((300, 1000), torch.bfloat16) for _ in range(6)]  # 600 KB each
-    big = pool.empty((2 << 20,), torch.bfloat16)  # 4 MiB, over the cap alone
-    del outs
-    assert sum(buf.numel() for buf in pool.idle) <= 1 << 20
-    del big  # the latest released buffer is always kept
-    assert [buf.numel() for buf in pool.idle] == [4 << 20]
+    for _ in range(3):  # new outputs must not land on memory a live view still uses
+        kernels.merge(a, b, 0.7, rowwise=True).fill_(7.0)
+    assert torch.equal(row, want[3])
+    del row
+    gc.collect()
+    before = _rss()
+    for _ in range(16):  # 128 MiB of outputs, each dropped at once: nothing may pile up
+        kernels.merge(a, b, 0.7)
+    assert _rss() - before < 48 << 20

@@ -91,7 +91,12 @@ def test_drop_fraction_within_binomial_bounds(n, p, seed):
 
 
 @SETTINGS
-@given(st.integers(1, 3000), st.lists(st.integers(1, 700), min_size=1, max_size=8), st.integers(0, 2**64 - 1), st.floats(0, 0.999))
+@given(
+    st.integers(1, 3000),
+    st.lists(st.integers(1, 700), min_size=1, max_size=8),
+    st.integers(0, 2**64 - 1),
+    st.floats(0, 0.999),
+)
 def test_chunked_mask_equals_one_shot(n, cuts, seed, p):
     name = "model.layers.7.mlp.gate_proj.weight"
     whole = ref_keep(name, seed, p, n)
@@ -111,7 +116,10 @@ def test_rescale_keeps_the_expected_delta(shape, t, p, seed):
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     name = "model.layers.1.self_attn.o_proj.weight"
-    mask = lambda s, k: partition.keep_mask_range(name, seed, p, s, k)
+
+    def mask(s, k):
+        return partition.keep_mask_range(name, seed, p, s, k)
+
     plain = kernels.merge(a, b, t).double()
     out = kernels.merge(a, b, t, drop_rate=p, rescale=True, mask=mask).double()
     keep = torch.from_numpy(ref_keep(name, seed, p, a.numel())).view(shape)
