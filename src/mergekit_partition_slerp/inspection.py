@@ -194,14 +194,11 @@ def recompute_tensor(
     rescale: bool = False,
     rowwise: bool = False,
 ) -> torch.Tensor:
-    """One layer tensor exactly as `partition_slerp` computes it (method.py's kernel call)."""
+    """One layer tensor exactly as `partition_slerp` computes it (the method's own function)."""
+    from mergekit_partition_slerp.method import merge_layer_tensor
 
-    def mask(start: int, size: int):
-        return partition.keep_mask_range(name, seed, drop_rate, start, size)
-
-    out = kernels.merge(base, donor, t, drop_rate=drop_rate, rescale=rescale, rowwise=rowwise, mask=mask)
-    # the kernel may hand back an input (t 0 or 1) or a pooled buffer: the caller owns a private copy
-    return out.clone()
+    out = merge_layer_tensor(name, base, donor, t, drop_rate, seed=seed, rescale=rescale, rowwise=rowwise)
+    return out.clone()  # the kernel may hand back an input (t 0 or 1): the caller owns a private copy
 
 
 def _dtype(name: str | None, key: str) -> torch.dtype | None:

@@ -101,22 +101,32 @@ def partition_slerp(
     t_value = _at(t[donor.id], name, position)
     p_value = _at(drop_rate[donor.id], name, position)
 
-    def mask(start: int, size: int):
-        return partition.keep_mask_range(name, seed, p_value, start, size)
-
     try:
-        return kernels.merge(
-            base.tensor,
-            donor.tensor,
-            t_value,
-            drop_rate=p_value,
-            rescale=rescale,
-            rowwise=rowwise,
-            mask=mask,
+        return merge_layer_tensor(
+            name, base.tensor, donor.tensor, t_value, p_value, seed=seed, rescale=rescale, rowwise=rowwise
         )
     except kernels.NonFiniteError as error:
         entry, role = (base, "base") if error.which == 0 else (donor, "donor")
         raise _non_finite(entry.id, name, role) from None
+
+
+def merge_layer_tensor(
+    name: str,
+    base: torch.Tensor,
+    donor: torch.Tensor,
+    t: float,
+    drop_rate: float,
+    *,
+    seed: int,
+    rescale: bool = False,
+    rowwise: bool = False,
+) -> torch.Tensor:
+    """One layer tensor: slerp at t, then the pinned drop mask of (name, seed). May return an input."""
+
+    def mask(start: int, size: int):
+        return partition.keep_mask_range(name, seed, drop_rate, start, size)
+
+    return kernels.merge(base, donor, t, drop_rate=drop_rate, rescale=rescale, rowwise=rowwise, mask=mask)
 
 
 def _non_finite(model, name, role) -> PartitionSlerpError:
