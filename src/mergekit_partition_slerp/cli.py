@@ -188,6 +188,7 @@ def run_cmd(config: str, out_path: str, force: bool, allow_pickle: bool, mergeki
     directory, and never contains (or lies inside) the recipe or an input model.
     """
     from mergekit_partition_slerp import runner
+    from mergekit_partition_slerp.report import human
 
     options = merge_options(mergekit_options)
     options.apply_global_options()
@@ -195,9 +196,9 @@ def run_cmd(config: str, out_path: str, force: bool, allow_pickle: bool, mergeki
     result = runner.run(p, out_path, options, force=force)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
-    read = f"read {runner.human(result.bytes_read)}, " if result.bytes_read is not None else ""
+    read = f"read {human(result.bytes_read)}, " if result.bytes_read is not None else ""
     click.echo(
-        f"merged {result.out_path} in {result.seconds:.1f}s: {read}wrote {runner.human(result.output_bytes)} of weights"
+        f"merged {result.out_path} in {result.seconds:.1f}s: {read}wrote {human(result.output_bytes)} of weights"
     )
 
 
@@ -247,7 +248,7 @@ def inspect_cmd(merged, recipe, base, donors, explain_recipe, layers, all_layers
              mergekit-partition inspect MERGED --recipe RECIPE.yml --explain
     Exit status: 0 all checked tensors match, 1 something differs, 2 usage or input error.
     """
-    from mergekit_partition_slerp.inspection import InspectError, explain, inspect
+    from mergekit_partition_slerp.inspection import explain, inspect
 
     explaining = bool(base or donors or explain_recipe)
     if explaining and (layers is not None or all_layers or sample_seed is not None):
@@ -265,20 +266,14 @@ def inspect_cmd(merged, recipe, base, donors, explain_recipe, layers, all_layers
     if layers is not None and (layers < 1 or all_layers):
         also = " with --all" if all_layers else ""
         _fail(f"--layers takes a count of at least 1 and excludes --all; got {layers}{also}.")
-    try:
-        if explaining:
-            if recipe:
-                result = inspect(
-                    merged, recipe, base=base, donors=list(donors) or None, rescale=rescale or None, explain=True
-                )
-            else:
-                result = explain(merged, base, list(donors), rescale=rescale)
-        else:
-            result = inspect(merged, recipe, layers=layers, all_layers=all_layers, sample_seed=sample_seed)
-        if png:
-            result.plot(png)
-    except InspectError as error:
-        _fail(str(error))
+    if explaining and recipe:
+        result = inspect(merged, recipe, base=base, donors=list(donors) or None, rescale=rescale or None, explain=True)
+    elif explaining:
+        result = explain(merged, base, list(donors), rescale=rescale)
+    else:
+        result = inspect(merged, recipe, layers=layers, all_layers=all_layers, sample_seed=sample_seed)
+    if png:
+        result.plot(png)
     click.echo(result.to_json() if as_json else str(result))
     if png:
         click.echo(f"wrote {png}", err=True)

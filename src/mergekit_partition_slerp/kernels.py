@@ -144,16 +144,22 @@ def _pass1(a2: torch.Tensor, b2: torch.Tensor, work: torch.dtype) -> torch.Tenso
 def coefficients(sums: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row (ca, cb) with slerp = ca * a + cb * b, in float64; lerp's (1 - t, t) when a norm is
     below EPS or |cos| above DOT_THRESHOLD."""
+    theta, linear = angle(sums)
+    sin_theta = torch.where(linear, 1.0, torch.sin(theta))
+    ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    cb = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return ca, cb
+
+
+def angle(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the angle between a and b (float64) and whether the kernel lerps there instead
+    (a norm below EPS or |cos| above DOT_THRESHOLD; theta is not used there)."""
     aa, bb, ab = sums
     norm_a, norm_b = aa.sqrt(), bb.sqrt()
     linear = (norm_a < EPS) | (norm_b < EPS)
     dot = torch.where(linear, 0.0, ab / (norm_a * norm_b)).clamp(-1, 1)
     linear |= dot.abs() > DOT_THRESHOLD
-    theta = torch.acos(torch.where(linear, 0.0, dot))
-    sin_theta = torch.where(linear, 1.0, torch.sin(theta))
-    ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
-    cb = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
-    return ca, cb
+    return torch.acos(torch.where(linear, 0.0, dot)), linear
 
 
 def _blend(out, a2, b2, t, ca, cb, drop_rate, rescale, mask) -> None:

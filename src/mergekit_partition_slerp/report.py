@@ -84,7 +84,7 @@ def table(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def heatmap(p: Plan, path: str | None = None):
+def heatmap(p: Plan, path: str | None = None, title: str | None = None):
     """Layer x donor heatmap of the non-attention t; × marks drop_rate > 0.
 
     With a path the figure is drawn off-screen (no pyplot, no backend switch) and
@@ -116,9 +116,19 @@ def heatmap(p: Plan, path: str | None = None):
     ax.set_yticks(range(len(p.donors)), labels, fontsize=8)
     ax.set_xticks(range(p.num_layers), [str(i) for i in range(p.num_layers)], fontsize=7)
     ax.set_xlabel("layer (empty cell: layer not assigned to that donor)")
-    ax.set_title(f"partition_slerp: donor t per layer ({p.bins} bins, seed {p.seed}); × = drop_rate > 0", fontsize=9)
+    title = title or f"partition_slerp: donor t per layer ({p.bins} bins, seed {p.seed}); × = drop_rate > 0"
+    ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="t (0 = base, 1 = donor)", fraction=0.03)
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=130)
     return fig
+
+
+def human(n: float) -> str:
+    """A byte count for people: 812 B, 1.7 MiB, 9.4 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

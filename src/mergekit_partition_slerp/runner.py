@@ -30,6 +30,7 @@ from mergekit_partition_slerp import __version__
 from mergekit_partition_slerp.checkpoint import tensor_sizes
 from mergekit_partition_slerp.errors import ConfigError, MergeError
 from mergekit_partition_slerp.planning import Plan, compile_config
+from mergekit_partition_slerp.report import human
 
 OWNER = "owner.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -442,11 +443,3 @@ def _dist_version(name: str) -> str:
     from importlib.metadata import version
 
     return version(name)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

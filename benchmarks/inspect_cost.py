@@ -1,8 +1,8 @@
 """Cost of `mergekit-partition inspect` next to `mergekit-partition run` on the same family.
 
-    python benchmarks/inspect.py                # the whole-merge benchmark family (benchmarks/merge.py's SHAPE)
-    python benchmarks/inspect.py --small        # a 12-layer demo-sized family: a quick look
-    python benchmarks/inspect.py --cache DIR    # family + outputs elsewhere (default benchmarks/.cache/)
+    python benchmarks/inspect_cost.py                # the whole-merge benchmark family (benchmarks/merge.py's SHAPE)
+    python benchmarks/inspect_cost.py --small        # a 12-layer demo-sized family: a quick look
+    python benchmarks/inspect_cost.py --cache DIR    # family + outputs elsewhere (default benchmarks/.cache/)
 
 Each case is a fresh subprocess running the real console script; it reports wall time and the
 child's peak RSS (ru_maxrss of the finished child). Bytes read: `run` prints what mergekit's loader
@@ -25,18 +25,6 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# this file is named like the stdlib module: keep its directory off sys.path so `import inspect` finds the stdlib
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
-
-
-def _bench_module(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.path.append(HERE)  # merge.py imports _util; appended, so the stdlib still wins
-    spec.loader.exec_module(module)
-    return module
 
 
 def main():
@@ -46,26 +34,34 @@ def main():
     args = ap.parse_args()
     import yaml
 
-    from mergekit_partition_slerp.demo import demo_recipe
+    from mergekit_partition_slerp.demo import recipe_text
+
+    def recipe_for(paths: dict[str, str], members: list[int]) -> dict:
+        # the demo's Eleusis recipe (gradients, attention t and drop, seed), donor entry k -> family member members[k]
+        recipe = yaml.safe_load(recipe_text("."))
+        recipe.pop("x-gradients")
+        recipe["base_model"] = paths["base"]
+        for k, entry in enumerate(recipe["models"]):
+            entry["model"] = paths[f"donor{members[k]}"] + ("@main" if members[k] in members[:k] else "")
+        recipe.pop("chat_template", None)
+        recipe.pop("tokenizer_source", None)
+        return recipe
 
     if args.small:
+        from mergekit_partition_slerp.demo import DONORS
         from mergekit_partition_slerp.family import Shape, build_family
 
         root = os.path.join(args.cache, "inspect-small")
-        if not os.path.exists(os.path.join(root, "family", "donor5", "tokenizer.json")):
-            build_family(
-                os.path.join(root, "family"), donors=6, shape=Shape(num_hidden_layers=12), seed=0, tokenizer=True
-            )
+        if not os.path.exists(os.path.join(root, "family", "donor5", "config.json")):
+            build_family(os.path.join(root, "family"), donors=6, shape=Shape(num_hidden_layers=12), seed=0)
         paths = {k: os.path.join(root, "family", k) for k in ["base"] + [f"donor{i}" for i in range(6)]}
-        recipe = demo_recipe(paths)
+        recipe = recipe_for(paths, [member for member, _ in DONORS])
     else:
-        bench = _bench_module("merge")  # benchmarks/merge.py: the whole-merge benchmark family
-        SHAPE, ensure_family = bench.SHAPE, bench.ensure_family
+        from merge import SHAPE, ensure_family  # benchmarks/merge.py: the whole-merge benchmark family
+
         root = os.path.join(args.cache, "inspect")
         paths = ensure_family(args.cache, SHAPE)
-        members = [0, 1, 2, 3, 4, 5, 6, 7, 8]  # nine distinct donors, Eleusis-shaped gradients and drop
-        recipe = demo_recipe({**paths, **{f"donor{k}": paths[f"donor{m}"] for k, m in enumerate(members)}})
-        recipe["models"] = [dict(m, model=m["model"].removesuffix("@main")) for m in recipe["models"]]
+        recipe = recipe_for(paths, list(range(9)))  # nine distinct donors, Eleusis-shaped gradients and drop
     os.makedirs(root, exist_ok=True)
     recipe_path = os.path.join(root, "recipe.yml")
     with open(recipe_path, "w") as f:
