@@ -19,6 +19,7 @@ import yaml
 from mergekit_partition_slerp import __version__
 from mergekit_partition_slerp import recipe as recipes
 from mergekit_partition_slerp.architecture import ArchitectureError, for_model, preflight
+from mergekit_partition_slerp.checkpoint import model_path
 from mergekit_partition_slerp.errors import ConfigError
 from mergekit_partition_slerp.partition import bins_problem, layer_bins, layer_position
 
@@ -359,9 +360,9 @@ def compile_config(p: Plan, absolute_paths: bool = False) -> str:
 
 
 def _absolute(model: str) -> str:
-    path, sep, revision = str(model).partition("@")
+    path, revision = model_path(model)
     if os.path.isdir(path) and not os.path.isabs(path):
-        return os.path.abspath(path) + sep + revision
+        return os.path.abspath(path) + ("@" + revision if revision is not None else "")
     return model
 
 

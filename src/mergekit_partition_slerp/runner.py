@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mergekit_partition_slerp import __version__
-from mergekit_partition_slerp.checkpoint import tensor_sizes
+from mergekit_partition_slerp.checkpoint import local_dir, tensor_sizes
 from mergekit_partition_slerp.errors import ConfigError, MergeError
 from mergekit_partition_slerp.planning import Plan, compile_config
 from mergekit_partition_slerp.report import human
@@ -55,8 +55,8 @@ def local_model_dirs(p: Plan) -> list[tuple[str, str]]:
     tokenizer = p.raw.get("tokenizer") or {}
     extra = [p.raw.get("tokenizer_source"), tokenizer.get("source") if isinstance(tokenizer, dict) else None]
     for model in dict.fromkeys([p.base, *p.donors, *(str(x) for x in extra if isinstance(x, str))]):
-        path = os.path.expanduser(str(model).split("@")[0])
-        if os.path.isdir(path):
+        path = local_dir(model)
+        if path is not None:
             out.append((str(model), path))
     return out
 
@@ -106,8 +106,8 @@ def bytes_to_read(p: Plan) -> int | None:
     the rest from the base. None when an input is not a local safetensors checkpoint."""
     sizes = {}
     for model in dict.fromkeys([p.base, *p.donors]):
-        path = os.path.expanduser(model.split("@")[0])
-        if not os.path.isdir(path) or not any(f.endswith(".safetensors") for f in os.listdir(path)):
+        path = local_dir(model)
+        if path is None or not any(f.endswith(".safetensors") for f in os.listdir(path)):
             return None
         sizes[model] = tensor_sizes(path)
     total = sum(sizes[p.base].get(name, 0) for name in p.non_layer)
