@@ -3,15 +3,17 @@
     python benchmarks/inspect_cost.py                # the whole-merge benchmark family (benchmarks/merge.py's SHAPE)
     python benchmarks/inspect_cost.py --small        # a 12-layer demo-sized family: a quick look
     python benchmarks/inspect_cost.py --cache DIR    # family + outputs elsewhere (default benchmarks/.cache/)
+    python benchmarks/inspect_cost.py --reps 1       # one pass (default: 3, medians reported)
 
 Each case is a fresh subprocess running the real console script; it reports wall time and the
 child's peak RSS (ru_maxrss of the finished child). Bytes read: `run` prints what mergekit's loader
 handed out; inspect reports bytes from the safetensors headers of the tensors it read (verify:
-`bytes_read`; explain: `inspected.bytes_read`). Cases:
-  run       mergekit-partition run RECIPE OUT           (the rebuild)
-  verify    inspect OUT --recipe RECIPE --json           (default sample: 4 layers on large models)
+`bytes_read`; explain: `inspected.bytes_read`). Cases, interleaved per repetition:
+  imports   python -c "import torch, mergekit.merge, ..."  (the floor under every peak RSS)
+  run       mergekit-partition run RECIPE OUT              (the rebuild)
+  verify    inspect OUT --recipe RECIPE --json --sample-seed 0   (default sample: 4 layers)
   verify-all inspect OUT --recipe RECIPE --all --json
-  explain   inspect OUT --base BASE --donor ... --json  (every donor, every tensor)
+  explain   inspect OUT --base BASE --donor ... --json     (every donor, every tensor)
 This is a script, not a test: it asserts nothing about speed.
 """
 
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -31,6 +34,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--cache", default=os.path.join(HERE, ".cache"))
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     import yaml
 
@@ -69,7 +73,6 @@ def main():
     out = os.path.join(root, "merged")
     exe = os.path.join(os.path.dirname(sys.executable), "mergekit-partition")
     donors = sorted({m["model"].removesuffix("@main") for m in recipe["models"]})
-    rows = []
 
     # peak RSS of children is a running maximum: run each case in its own python parent to isolate it
     def isolated(cmd):
@@ -86,24 +89,54 @@ def main():
             raise SystemExit(f"{' '.join(cmd)} failed:\n{data['err']}")
         return data
 
-    run = isolated([exe, "run", recipe_path, out, "--force", "--no-copy-tokenizer"])
-    if run["rc"] != 0:
-        raise SystemExit(f"the rebuild failed:\n{run['err']}")
-    m = re.search(r"read ([\d.]+) (\w+)", run["out"] + run["err"])
     units = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-    run_bytes = float(m.group(1)) * units[m.group(2)] if m else float("nan")
-    rows.append(("run (rebuild)", run_bytes, run["rss"], run["wall"]))
-    for label, extra in (("inspect verify (default sample)", []), ("inspect verify --all", ["--all"])):
-        v = isolated([exe, "inspect", out, "--recipe", recipe_path, "--json", *extra])
-        data = json.loads(v["out"])
-        rows.append((f"{label}: {len(data['layers_checked'])} layers", data["bytes_read"], v["rss"], v["wall"]))
-    e = isolated([exe, "inspect", out, "--base", paths["base"], *[x for d in donors for x in ("--donor", d)], "--json"])
-    rows.append(("inspect explain", json.loads(e["out"])["inspected"]["bytes_read"], e["rss"], e["wall"]))
+    explain_args = ["--base", paths["base"], *[x for d in donors for x in ("--donor", d)]]
+    cases = {  # label: (command, bytes read from its output)
+        "imports only (torch + mergekit)": (
+            [sys.executable, "-c", "import torch, mergekit.merge, mergekit_partition_slerp.explain"],
+            lambda out: 0,
+        ),
+        "run (the rebuild)": (
+            [exe, "run", recipe_path, out, "--force", "--no-copy-tokenizer"],
+            lambda out: (lambda m: float(m.group(1)) * units[m.group(2)])(re.search(r"read ([\d.]+) (\w+)", out)),
+        ),
+        "inspect verify (default sample)": (
+            [exe, "inspect", out, "--recipe", recipe_path, "--json", "--sample-seed", "0"],
+            lambda out: json.loads(out)["bytes_read"],
+        ),
+        "inspect verify --all": (
+            [exe, "inspect", out, "--recipe", recipe_path, "--json", "--all"],
+            lambda out: json.loads(out)["bytes_read"],
+        ),
+        "inspect explain (all donors)": (
+            [exe, "inspect", out, *explain_args, "--json"],
+            lambda out: json.loads(out)["inspected"]["bytes_read"],
+        ),
+    }
+    seen: dict[str, list[tuple[float, float, float]]] = {label: [] for label in cases}
+    for rep in range(args.reps):  # cases interleaved, so a noisy spell hits every case alike
+        for label, (cmd, nbytes) in cases.items():
+            r = isolated(cmd)
+            if r["rc"] != 0:
+                raise SystemExit(f"{label} failed:\n{r['err']}")
+            seen[label].append((nbytes(r["out"] + r["err"]), r["rss"], r["wall"]))
+        print(f"rep {rep + 1}/{args.reps} done", flush=True)
 
-    print(f"family: {root} ({'small' if args.small else 'benchmark'}), {len(donors)} donors")
-    print(f"{'case':45s} {'bytes read':>12s} {'peak RSS':>10s} {'wall s':>8s}")
-    for label, nbytes, rss, wall in rows:
-        print(f"{label:45s} {nbytes / 2**20:9.1f} MiB {rss / 2**20:6.0f} MiB {wall:8.1f}")
+    def med(label, k):
+        return statistics.median(x[k] for x in seen[label])
+
+    run = "run (the rebuild)"
+    print(f"\nfamily: {root} ({'small' if args.small else 'benchmark'}), {len(donors)} donors; medians of {args.reps}")
+    print(
+        f"{'case':44s} {'bytes read':>12s} {'peak RSS':>10s} {'wall s':>7s} {'bytes/run':>10s} {'RSS/run':>8s} "
+        f"{'wall/run':>9s}"
+    )
+    for label in cases:
+        b, rss, wall = med(label, 0), med(label, 1), med(label, 2)
+        print(
+            f"{label:44s} {b / 2**20:8.1f} MiB {rss / 2**20:6.0f} MiB {wall:7.1f} {b / med(run, 0):10.2f} "
+            f"{rss / med(run, 1):8.2f} {wall / med(run, 2):9.2f}"
+        )
 
 
 if __name__ == "__main__":
