@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mergekit_partition_slerp import kernels, partition
-from mergekit_partition_slerp.bits import compare
+from mergekit_partition_slerp.bits import compare, ulp_distance
 from mergekit_partition_slerp.checkpoint import Checkpoints
 from mergekit_partition_slerp.errors import ConfigError
 from mergekit_partition_slerp.layers import layer_from_name
@@ -151,10 +151,10 @@ def _fit_t_and_drop(fit: TensorFit, d: int, m, a, b, moved, g, rescale: bool) ->
         x, y, want = (v.reshape(-1)[sample] for v in (a, b, m))
         sample_rows = sample // cols if rowwise else None
 
-        def score(t, sums=sums, sample_rows=sample_rows, p=p, x=x, y=y, want=want):
-            return int((_blend_sample(x, y, sums, t, sample_rows, p) == want).sum())
+        def predict(t, sums=sums, sample_rows=sample_rows, p=p, x=x, y=y):
+            return _blend_sample(x, y, sums, t, sample_rows, p)
 
-        t, t_range = _refine(score, t0)
+        t, t_range = _refine(predict, want, t0)
         pred = _predict(a, b, t, rowwise, p)
         informative = pred != a
         n = int(informative.sum())
@@ -228,33 +228,47 @@ def _predict(a, b, t: float, rowwise: bool, p) -> torch.Tensor:
     return kernels.merge(a, b, t, drop_rate=p, rescale=True, rowwise=rowwise, mask=lambda _, n: np.ones(n, bool))
 
 
-def _refine(score: Callable[[float], int], t0: float) -> tuple[float, tuple[float, float]]:
-    """The middle and the ends of the run of t values that reproduce the most sampled elements exactly.
+def _refine(predict: Callable[[float], torch.Tensor], want: torch.Tensor, t0: float):
+    """The t that reproduces the sampled elements best: (middle of that run of t, its two ends).
 
-    Least squares on rounded outputs is biased where few elements move (norm weights); counting
-    exact reproductions is not. Each element is reproduced on an interval of t around the truth,
-    so the count climbs to a plateau that holds the truth and falls after it. An 11-point grid
-    around t0 widens while its best point is at an end and zooms in until two points reach the
-    plateau; then each end of the plateau is bisected to 1e-12.
+    Least squares on rounded outputs is biased where few elements move (norm weights); the bits
+    are not. Each element is reproduced on an interval of t around the truth, and its distance in
+    ulps grows away from it, so the summed distance falls to a minimum run that holds the truth
+    (with holes a few float32 roundings wide). An 11-point grid around t0 zooms onto the widest run
+    of least distance until its step is below 1e-12 (a float32 merge reproduces only within ~1e-8
+    of the truth) or the run fills the grid (a wide run: few elements moved); then both ends of the
+    run are bisected.
     """
+
+    def distance(t: float) -> int:
+        return int(ulp_distance(predict(t), want).sum())
+
     lo, hi = max(0.0, t0 - 0.03), min(1.0, t0 + 0.03)
-    for _ in range(100):
+    for _ in range(200):
         grid = [lo + (hi - lo) * k / 10 for k in range(11)]
-        scores = [score(t) for t in grid]
-        top = max(scores)
-        first, last = scores.index(top), 10 - scores[::-1].index(top)
+        costs = [distance(t) for t in grid]
+        least = min(costs)
+        runs, start = [], None
+        for k, c in enumerate([*costs, None]):
+            if c == least and start is None:
+                start = k
+            elif c != least and start is not None:
+                runs.append((k - start, start, k - 1))
+                start = None
+        _, first, last = max(runs)
         step = (hi - lo) / 10
-        if (first == 0 and lo > 0) or (last == 10 and hi < 1):  # the plateau may lie beyond: look there
+        if first == 0 and lo > 0 or last == 10 and hi < 1:  # the least may lie beyond the grid: widen
             lo, hi = (max(0.0, lo - 10 * step) if first == 0 else lo), (min(1.0, hi + 10 * step) if last == 10 else hi)
             continue
-        if last > first or step < 1e-12:
+        new_lo, new_hi = max(0.0, grid[first] - step), min(1.0, grid[last] + step)
+        if step < 1e-12 or new_hi - new_lo > 0.5 * (hi - lo):
             break
-        lo, hi = max(0.0, grid[first] - step), min(1.0, grid[first] + step)
+        lo, hi = new_lo, new_hi
 
     def end(inside: float, outside: float) -> float:
         while abs(outside - inside) > 1e-12:
             middle = (inside + outside) / 2
-            inside, outside = (middle, outside) if score(middle) == top else (inside, middle)
+            inside, outside = (middle, outside) if distance(middle) == least else (inside, middle)
         return inside
 
     low = end(grid[first], grid[first - 1]) if first > 0 else grid[first]
