@@ -65,6 +65,21 @@ def recipes(fam):
             ],
             "dtype": "bfloat16",
         },
+        # rescale: kept elements scaled by 1 / (1 - p); attention keeps everything (p 0: nothing rescaled)
+        "rescale": {
+            "merge_method": "partition_slerp",
+            "base_model": fam["base"],
+            "parameters": {
+                "bins": 4,
+                "seed": 5,
+                "rescale": True,
+                "drop_rate": [{"filter": "self_attn", "value": 0.0}, {"value": 0.2}],
+            },
+            "models": [
+                {"model": d, "parameters": {"t": t}} for d, t in zip(donors4, (0.3, 0.7, [0.2, 0.9], 1.0), strict=True)
+            ],
+            "dtype": "bfloat16",
+        },
         # merge in float32, write bfloat16: mergekit casts inputs before the method and the output after
         "casts": {
             "merge_method": "partition_slerp",
@@ -103,6 +118,28 @@ def model_of(written: str) -> str:
 
 
 # --------------------------------------------------------------------------- explain
+
+
+def test_explain_rescale_within_the_drop_rates_binomial_error(family, merges):
+    # with rescale the kept elements are scaled by 1 / (1 - p), and p is only known from counts
+    # (binomial): t inherits that error, relative 5 sd of p / (1 - p) at most (docs/inspect.md)
+    recipe, out = merges["rescale"]
+    truth = plan(recipe)
+    donors = unique_donors(family)
+    got = explain(out, family["base"], donors, rescale=True)
+    for want, row in zip(truth.layers, got.layers, strict=True):
+        i = want.layer
+        assert row["donor"] == model_of(want.donor), f"layer {i}: {row}"
+        for suffix, t in want.t.items():
+            p, n = want.drop_rate[suffix], row["drop_elements"][suffix]
+            if "layernorm" in suffix or n < 200:
+                continue  # a 64-element norm weight: t is rough (t_range), not bounded here
+            sd = math.sqrt(max(p * (1 - p), 1 / n) / n)
+            assert abs(row["drop_rate"][suffix] - p) <= 5 * sd + 1 / n, (i, suffix, row["drop_rate"][suffix], p, n)
+            if p == 0:  # nothing dropped, nothing rescaled: as exact as without rescale
+                assert abs(row["t"][suffix] - t) <= T_TOL, (i, suffix, row["t"][suffix], t)
+            else:
+                assert abs(row["t"][suffix] - t) <= t * 5 * sd / (1 - p) + T_TOL, (i, suffix, row["t"][suffix], t, n)
 
 
 @pytest.mark.parametrize("case", ["eleusis", "rowwise", "casts"])

@@ -139,30 +139,32 @@ def _fit_t_and_drop(fit: TensorFit, d: int, m, a, b, moved, g, rescale: bool) ->
             continue
         t_rows = _invert(1 + gamma - beta, beta, theta, linear)
         t0 = min(max(float((t_rows * weight).sum() / weight.sum()), 0.0), 1.0)
-        p = None
-        if rescale:  # kept = a + (slerp - a) / (1 - p): the fit saw t / (1 - p); p from that prediction
-            pred = kernels.merge(a, b, t0, rowwise=rowwise)
-            informative = pred != a
-            n = int(informative.sum())
-            p = int((informative & ~moved).sum()) / n if n else None
-            p = p if p is not None and p < 1 else None
-            t0 *= 1 - (p or 0.0)
-        cols = a2.shape[1]
         x, y, want = (v.reshape(-1)[sample] for v in (a, b, m))
-        sample_rows = sample // cols if rowwise else None
+        sample_rows = sample // a2.shape[1] if rowwise else None
 
-        def predict(t, sums=sums, sample_rows=sample_rows, p=p, x=x, y=y):
-            return _blend_sample(x, y, sums, t, sample_rows, p)
+        def refine(t, p, sums=sums, sample_rows=sample_rows, x=x, y=y, want=want):
+            return _refine(lambda t: _blend_sample(x, y, sums, t, sample_rows, p), want, t)
 
-        t, t_range = _refine(predict, want, t0)
-        pred = _predict(a, b, t, rowwise, p)
-        informative = pred != a
-        n = int(informative.sum())
-        drop = p if rescale else (int((informative & ~moved).sum()) / n if n else None)
+        if rescale:
+            # kept = a + (slerp - a) / (1 - p), so the fit saw about t / (1 - p). p and t are found in
+            # turn, p from the elements the prediction moves by 2 ulps or more (a 1-ulp move may
+            # round either way when t is not yet exact)
+            p = _drop_share(kernels.merge(a, b, t0, rowwise=rowwise), a, moved)[0]
+            t, t_range = refine(t0 * (1 - (p or 0.0)), p)
+            for _ in range(2):
+                p, n = _drop_share(_predict(a, b, t, rowwise, p), a, moved)
+                t, t_range = refine(t, p)
+            pred, drop = _predict(a, b, t, rowwise, p), p
+        else:
+            t, t_range = refine(t0, None)
+            pred = kernels.merge(a, b, t, rowwise=rowwise)
+            informative = pred != a  # the exact output: every moved element is a sample of the drop
+            n = int(informative.sum())
+            drop = int((informative & ~moved).sum()) / n if n else None
         explained = float(((m == pred) | (m == a)).sum()) / m.numel()
         if best is None or (explained, not rowwise) > best[0]:
             best = ((explained, not rowwise), t, t_range, drop, n, explained, rowwise if both else None)
-        del pred, informative
+        del pred
     if best is None:
         fit.t[d], fit.drop[d], fit.explained[d], fit.rowwise[d] = None, None, 0.0, None
         return
@@ -219,6 +221,15 @@ def _blend_sample(x, y, sums, t: float, sample_rows, p) -> torch.Tensor:
     if p:
         ys = ys.sub_(xs).div_(1.0 - p).add_(xs)
     return ys.to(x.dtype)
+
+
+def _drop_share(pred: torch.Tensor, a: torch.Tensor, moved: torch.Tensor) -> tuple[float | None, int]:
+    """(share left at the base, count) of the elements `pred` moves by 2 ulps or more; None when
+    there are none (or all were left: no slerp output to rescale)."""
+    far = ulp_distance(pred, a) >= 2
+    n = int(far.sum())
+    share = int((far & ~moved).sum()) / n if n else None
+    return (share if share is not None and share < 1 else None), n
 
 
 def _predict(a, b, t: float, rowwise: bool, p) -> torch.Tensor:
