@@ -113,13 +113,18 @@ def _fit_t_and_drop(fit: TensorFit, d: int, m, a, b, moved, g, rescale: bool) ->
     if torch.equal(a, b):  # the donor is the base here: no t to see
         fit.t[d], fit.drop[d], fit.explained[d], fit.rowwise[d] = None, None, 0.0, None
         return
-    if bool((m[moved] == b[moved]).all()):  # the method's exact t == 1 shortcut (a select, no blend)
+    sample = _sample(moved)
+    if bool((m[moved] == b[moved]).all()):
+        # the method's t == 1 (an exact select, no blend), reported as 1. A t just below 1 can round
+        # to the donor's bits as well (few elements, a norm weight): t_range says how far down
         informative = b != a
         n = int(informative.sum())
-        fit.t[d], fit.t_range[d], fit.rowwise[d], fit.explained[d] = 1.0, (1.0, 1.0), None, 1.0
+        x, y, want = (v.reshape(-1)[sample] for v in (a, b, m))
+        sums = kernels.row_stats(a.reshape(1, -1), b.reshape(1, -1))
+        _, fit.t_range[d] = _refine(lambda t: _blend_sample(x, y, sums, t, None, None), want, 1.0)
+        fit.t[d], fit.rowwise[d], fit.explained[d] = 1.0, None, 1.0
         fit.drop[d], fit.informative[d] = (int((informative & ~moved).sum()) / n if n else None), n
         return
-    sample = _sample(moved)
     shape = a.shape
     best = None
     both = a.ndim >= 2 and shape[0] > 1
