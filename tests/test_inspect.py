@@ -181,6 +181,24 @@ def test_explain_recovers_donor_t_and_drop(family, merges, case):
             assert row.get("rowwise") is True, f"layer {i} not recognised as rowwise"
 
 
+def test_explain_norm_weight_without_drop_reports_no_drop():
+    # a 64-element norm weight (nearly parallel to the donor: the kernel lerps) at a small t: few
+    # elements move, so t is only known within a wide t_range. No element was dropped, and the
+    # drop rate must say 0, not count the elements that a wrong t within the range would move.
+    from mergekit_partition_slerp.explain import fit_tensor
+    from mergekit_partition_slerp.kernels import merge
+
+    for noise, t in ((0.02, 0.0909), (0.005, 0.2)):  # t_range ~[0.083, 0.136] and ~[0.167, 0.5]
+        g = torch.Generator().manual_seed(0)
+        base = (1 + 0.02 * torch.randn(64, generator=g)).to(torch.bfloat16)
+        donor = (base.float() + noise * torch.randn(64, generator=g)).to(torch.bfloat16)
+        merged = merge(base, donor, t)  # the method's kernel, nothing dropped
+        fit = fit_tensor(merged, base, [donor], rescale=False)
+        low, high = fit.t_range[0]
+        assert low - 1e-9 <= t <= high + 1e-9, (t, fit.t_range[0])
+        assert fit.drop[0] == 0.0 and fit.informative[0] > 0, (t, fit.drop[0], fit.informative[0])
+
+
 def test_explain_t_zero_layers_and_identical_donors(family, tmp_path):
     # donor1 at t 0 everywhere: its layers never move; a symlinked copy of donor0 is indistinguishable from it
     cfg = {

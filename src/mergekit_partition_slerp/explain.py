@@ -10,8 +10,9 @@ kept element at round(ca * a + cb * b) and every dropped one at a (kernels.py). 
          the middle of the run of t values that reproduce the most sampled elements bit for bit,
          using the kernel's own angle and coefficients. The whole-tensor and the rowwise slerp
          are both tried; the one that explains more elements wins.
-  drop   the kernel's own output at that t says which elements the slerp moves; the share of those
-         the merge left at the base estimates the drop rate (the mask ignores values: binomial).
+  drop   the kernel's own output at both ends of that run says which elements the slerp moves
+         whichever t it was; the share of those the merge left at the base estimates the drop rate
+         (the mask ignores values: binomial).
 
 Where a value cannot be known (nothing moved, identical donors) the row says so instead of guessing.
 Tensors are read one at a time: about one tensor per model in memory, plus float64 blocks.
@@ -117,13 +118,11 @@ def _fit_t_and_drop(fit: TensorFit, d: int, m, a, b, moved, g, rescale: bool) ->
     if bool((m[moved] == b[moved]).all()):
         # the method's t == 1 (an exact select, no blend), reported as 1. A t just below 1 can round
         # to the donor's bits as well (few elements, a norm weight): t_range says how far down
-        informative = b != a
-        n = int(informative.sum())
         x, y, want = (v.reshape(-1)[sample] for v in (a, b, m))
         sums = kernels.row_stats(a.reshape(1, -1), b.reshape(1, -1))
         _, fit.t_range[d] = _refine(lambda t: _blend_sample(x, y, sums, t, None, None), want, 1.0)
         fit.t[d], fit.rowwise[d], fit.explained[d] = 1.0, None, 1.0
-        fit.drop[d], fit.informative[d] = (int((informative & ~moved).sum()) / n if n else None), n
+        fit.drop[d], fit.informative[d] = _drop_rate(a, b, moved, fit.t_range[d], False)
         return
     shape = a.shape
     best = None
@@ -163,9 +162,7 @@ def _fit_t_and_drop(fit: TensorFit, d: int, m, a, b, moved, g, rescale: bool) ->
         else:
             t, t_range = refine(t0, None)
             pred = kernels.merge(a, b, t, rowwise=rowwise)
-            informative = pred != a  # the exact output: every moved element is a sample of the drop
-            n = int(informative.sum())
-            drop = int((informative & ~moved).sum()) / n if n else None
+            drop, n = _drop_rate(a, b, moved, t_range, rowwise)
         explained = float(((m == pred) | (m == a)).sum()) / m.numel()
         if best is None or (explained, not rowwise) > best[0]:
             best = ((explained, not rowwise), t, t_range, drop, n, explained, rowwise if both else None)
@@ -226,6 +223,18 @@ def _blend_sample(x, y, sums, t: float, sample_rows, p) -> torch.Tensor:
     if p:
         ys = ys.sub_(xs).div_(1.0 - p).add_(xs)
     return ys.to(x.dtype)
+
+
+def _drop_rate(a, b, moved, t_range: tuple[float, float], rowwise: bool) -> tuple[float | None, int]:
+    """(share left at the base, count) of the elements the kernel's output moves at every t of
+    t_range: whichever t made the merge, those moved unless dropped (the mask ignores values)."""
+    informative = None
+    for t in dict.fromkeys(t_range):  # one kernel call when the range is a point
+        moves = kernels.merge(a, b, t, rowwise=rowwise) != a
+        informative = moves if informative is None else informative & moves
+    assert informative is not None
+    n = int(informative.sum())
+    return (int((informative & ~moved).sum()) / n if n else None), n
 
 
 def _drop_share(pred: torch.Tensor, a: torch.Tensor, moved: torch.Tensor) -> tuple[float | None, int]:
