@@ -442,3 +442,67 @@ def test_recipe_yaml_round_trip_note(merges, tmp_path):
     # partition.json records the sha256 of the file the merge was made from: said, not a failure
     assert result.exit_code == 0 and "is not this file's" in result.stdout
     assert "mergekit_config.yml: the same recipe (formatting differs)" in result.stdout
+
+
+# --------------------------------------------------------------------------- random recipes
+
+
+def random_recipe(fam, seed: int) -> dict:
+    """A partition_slerp recipe drawn from `seed`: donors, roles, t shapes, drop, rowwise, dtypes."""
+    import random
+
+    rng = random.Random(seed)
+
+    def t_value():
+        kind = rng.choice(["const", "gradient", "attention", "tiny", "one"])
+        if kind == "const":
+            return round(rng.uniform(0.05, 0.95), 3)
+        if kind == "gradient":
+            return [round(rng.uniform(0, 1), 2), round(rng.uniform(0, 1), 2)]
+        if kind == "attention":
+            return [{"filter": "self_attn", "value": round(rng.uniform(0.01, 0.2), 3)}, {"value": [1, 0]}]
+        return 0.01 if kind == "tiny" else 1.0
+
+    picks = rng.sample(range(4), rng.randint(1, 4))
+    models = [{"model": fam[f"donor{k}"], "parameters": {"t": t_value()}} for k in picks]
+    if rng.random() < 0.3:  # a donor in a second role
+        models.append({"model": fam[f"donor{picks[0]}"] + "@main", "parameters": {"t": t_value()}})
+    drop = rng.choice([0.0, 0.1, 0.3, [{"filter": "mlp", "value": 0.4}, {"value": 0.0}]])
+    params = {"bins": rng.randint(len(models), 8), "seed": rng.randrange(2**31), "drop_rate": drop}
+    if rng.random() < 0.3:
+        params["rowwise"] = True
+    cfg = {"merge_method": "partition_slerp", "base_model": fam["base"], "parameters": params, "models": models}
+    cfg["dtype"] = rng.choice(["bfloat16", "float16", "float32"])
+    if cfg["dtype"] == "float32" and rng.random() < 0.5:
+        cfg["out_dtype"] = "bfloat16"
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(6))
+def test_random_recipes_verify_and_explain(family, tmp_path, seed):
+    cfg = random_recipe(family, seed)
+    print(f"recipe seed {seed}: {json.dumps(cfg)}")  # shown on failure: the recipe to reproduce it
+    recipe, out = run_merge(tmp_path, "random", cfg)
+    assert verify(out, recipe, all_layers=True).ok
+    truth = plan(recipe)
+    got = explain(out, family["base"], unique_donors(family))
+    for want, row in zip(truth.layers, got.layers, strict=True):
+        i = want.layer
+        if all(t == 0 for t in want.t.values()):
+            assert row["donor"] is None, (i, row)  # nothing moved: the donor cannot be known
+            continue
+        assert row["donor"] == model_of(want.donor), (i, row)
+        for suffix, t in want.t.items():
+            got_t, t_range, n = row["t"][suffix], row["t_range"][suffix], row["drop_elements"][suffix]
+            if t_range is None:  # nothing moved in this tensor (t 0, or too small for the dtype)
+                assert got_t is None, (i, suffix, got_t)
+                continue
+            # t_range is rounded to 6 digits, and an end bisected next to a hole of the run (where one
+            # element rounds the other way) can sit a few 1e-6 inside it
+            assert t_range[0] - 1e-5 <= t <= t_range[1] + 1e-5, (i, suffix, t_range, t)
+            if "layernorm" not in suffix:
+                assert abs(got_t - t) <= T_TOL, (i, suffix, got_t, t)
+            p = want.drop_rate[suffix]
+            if n >= 200:
+                assert abs(row["drop_rate"][suffix] - p) <= 5 * math.sqrt(p * (1 - p) / n) + 2 / n, (i, suffix, n)

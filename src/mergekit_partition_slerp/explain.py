@@ -261,8 +261,8 @@ def _refine(predict: Callable[[float], torch.Tensor], want: torch.Tensor, t0: fl
     ulps grows away from it, so the summed distance falls to a minimum run that holds the truth
     (with holes a few float32 roundings wide). An 11-point grid around t0 zooms onto the widest run
     of least distance until its step is below 1e-12 (a float32 merge reproduces only within ~1e-8
-    of the truth) or the run fills the grid (a wide run: few elements moved); then both ends of the
-    run are bisected.
+    of the truth) or the run fills the grid and a 101-point grid finds nothing lower between its
+    points (a wide run: few elements moved); then both ends of the run are bisected.
     """
 
     def distance(t: float) -> int:
@@ -286,8 +286,15 @@ def _refine(predict: Callable[[float], torch.Tensor], want: torch.Tensor, t0: fl
             lo, hi = (max(0.0, lo - 10 * step) if first == 0 else lo), (min(1.0, hi + 10 * step) if last == 10 else hi)
             continue
         new_lo, new_hi = max(0.0, grid[first] - step), min(1.0, grid[last] + step)
-        if step < 1e-12 or new_hi - new_lo > 0.5 * (hi - lo):
+        if step < 1e-12:
             break
+        if new_hi - new_lo > 0.5 * (hi - lo):  # a wide run: once, look for a lower one between the points
+            fine = [lo + (hi - lo) * k / 100 for k in range(101)]
+            costs = [distance(t) for t in fine]
+            if min(costs) >= least:
+                break
+            k = costs.index(min(costs))
+            new_lo, new_hi = fine[max(k - 1, 0)], fine[min(k + 1, 100)]
         lo, hi = new_lo, new_hi
 
     def end(inside: float, outside: float) -> float:
