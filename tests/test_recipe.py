@@ -132,6 +132,12 @@ CASES = [
         "t is required for every donor, but models[1] (/models/b) has none and there is no top-level t",
     ),
     (
+        "dtype mergekit cannot merge in",
+        lambda c: c.update(dtype="bf16"),
+        "dtype = 'bf16' (top level of the recipe) is not a dtype to merge in: it must be one of bfloat16, "
+        "float16, float32, float64",
+    ),
+    (
         "misspelt parameter",
         lambda c: c["parameters"].update({"drop-rate": 0.1}),
         "unknown parameter 'drop-rate' in top-level parameters (mergekit would silently ignore it). "

@@ -37,6 +37,7 @@ TOP_LEVEL = (
     "tokenizer",
     "chat_template",
 )
+DTYPES = ("bfloat16", "float16", "float32", "float64")  # what `dtype:`/`out_dtype:` may name
 
 
 @dataclass
@@ -244,6 +245,13 @@ def check(recipe: Recipe) -> dict[str, Param]:
                 raise ConfigError(
                     f"{_model_label(i, m)} has unknown key '{key}'.{suggest(key, ('model', 'parameters'))}"
                 )
+    for key in ("dtype", "out_dtype"):
+        value = raw.get(key)
+        if value is not None and str(value).removeprefix("torch.") not in DTYPES:
+            raise ConfigError(
+                f"{key} = {value!r} (top level of the recipe) is not a dtype to merge in: it must be one of "
+                f"{', '.join(DTYPES)} (mergekit would fail on it after loading the models)."
+            )
     table = parameters()
     for where, index, params in scopes(raw):
         if not isinstance(params, dict):

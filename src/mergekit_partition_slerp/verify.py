@@ -26,7 +26,6 @@ from mergekit_partition_slerp.report import human
 
 AUTO_ALL_BYTES = 64 * 2**20  # without --layers, verify checks every layer when that reads less than this
 DEFAULT_SAMPLE = 4  # layers checked by default on larger models
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -129,7 +128,9 @@ def verify(
     p = plan_of(recipe)
     shared = p.raw.get("parameters") or {}
     rescale, rowwise = bool(shared.get("rescale", False)), bool(shared.get("rowwise", False))
-    in_dtype, out_dtype = _dtype(p.raw.get("dtype"), "dtype"), _dtype(p.raw.get("out_dtype"), "out_dtype")
+    from mergekit.common import dtype_from_name  # how mergekit reads them (the recipe check vetted the names)
+
+    in_dtype, out_dtype = (dtype_from_name(p.raw.get(k) and str(p.raw[k])) for k in ("dtype", "out_dtype"))
     models = Checkpoints()
     out = models.open(merged, "merged model")
     base = models.open(p.base, "base model")
@@ -313,15 +314,6 @@ def _check_records(report: VerifyReport, path: str, p) -> None:
                 )
     if not os.path.exists(record) and not os.path.exists(card):
         report.notes.append("no partition.json or mergekit_config.yml next to the weights (checked the tensors only)")
-
-
-def _dtype(name: str | None, key: str) -> torch.dtype | None:
-    if not name:
-        return None
-    short = str(name).removeprefix("torch.")
-    if short not in _DTYPES:
-        raise ConfigError(f"the recipe's {key} is {name!r}; inspect knows {', '.join(_DTYPES)}.")
-    return _DTYPES[short]
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
