@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -150,6 +151,16 @@ def strip_alias(model: str) -> str:
 
 
 # ---------------------------------------------------------------- recipes
+
+
+def config_only_copy(family, root) -> dict:
+    """The family with every weight file left out: each model is its config.json alone."""
+    bare = {}
+    for key, path in family.items():
+        bare[key] = os.path.join(str(root), key)
+        os.makedirs(bare[key])
+        shutil.copy(os.path.join(path, "config.json"), bare[key])
+    return bare
 
 
 def write_config(path, cfg) -> str:

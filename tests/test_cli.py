@@ -14,7 +14,7 @@ import yaml
 
 from mergekit_partition_slerp.family import load_state_dict
 
-from helpers import BIN, check_merge, digest, eleusis_like, write_config
+from helpers import BIN, check_merge, config_only_copy, digest, eleusis_like, write_config
 from helpers import ref_layer_bins as layer_bins  # the independent reference, pinned in test_partition.py
 
 pytestmark = pytest.mark.slow  # every test runs the console script in a subprocess
@@ -29,11 +29,7 @@ def cli(*args, **kw):
 
 def test_plan_reads_no_weights_and_matches_reference(family, tmp_path):
     # a copy of the family with every weight file removed
-    bare = {}
-    for k, path in family.items():
-        bare[k] = str(tmp_path / k)
-        os.makedirs(bare[k])
-        shutil.copy(os.path.join(path, "config.json"), bare[k])
+    bare = config_only_copy(family, tmp_path)
     cfg = eleusis_like(bare, bins=6, seed=11)
     proc = cli("plan", write_config(tmp_path / "r.yml", cfg), "--json")
     assert proc.returncode == 0, proc.stderr

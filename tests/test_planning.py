@@ -7,13 +7,12 @@ milliseconds instead of a subprocess paying mergekit's import.
 import hashlib
 import json
 import os
-import shutil
 
 import pytest
 
 from mergekit_partition_slerp import ConfigError, plan
 
-from helpers import MISTRAL_LAYER_TENSORS, MISTRAL_NON_LAYER, eleusis_like, ref_plan, write_config
+from helpers import MISTRAL_LAYER_TENSORS, MISTRAL_NON_LAYER, config_only_copy, eleusis_like, ref_plan, write_config
 
 LAYERS = 8  # the session family's depth
 
@@ -77,11 +76,7 @@ def test_plan_from_a_file_records_its_sha256(family, tmp_path):
 
 
 def test_plan_reads_config_json_only(family, tmp_path):
-    bare = {}
-    for key, path in family.items():
-        bare[key] = str(tmp_path / key)
-        os.makedirs(bare[key])
-        shutil.copy(os.path.join(path, "config.json"), bare[key])
+    bare = config_only_copy(family, tmp_path)
     cfg = eleusis_like(bare, bins=6, seed=11)
     check_against_reference(plan(cfg).to_dict(), cfg)
 
